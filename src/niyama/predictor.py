@@ -1,0 +1,117 @@
+"""Batch-time predictor: one iteration's execution time from the batch's shape (DESIGN.md §2).
+
+Two linear models, one for batches of at most ``split`` total tokens and one above, over five features:
+total tokens, prefill tokens, decode tokens, sum of decode context lengths, sum of prefill context
+lengths (one context length per request: the tokens it attends to at the end of its chunk). Fitted by
+least squares from profiling rows; saved as JSON. The simulator uses a predictor as its latency model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FEATURES = ("intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    decode_ctx: int = 0  # sum over decodes of their context length
+    prefill_ctx: int = 0  # sum over prefill chunks of the context length at the chunk's end
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    def features(self) -> list[float]:
+        return [1.0, self.num_tokens, self.num_prefill_tokens, self.num_decode_tokens,
+                self.decode_ctx, self.prefill_ctx]
+
+
+class BatchTimePredictor:
+    def __init__(self, small: Sequence[float], large: Sequence[float], split: int = 512,
+                 meta: dict[str, Any] | None = None):
+        if len(small) != len(FEATURES) or len(large) != len(FEATURES):
+            raise ValueError(f"each bin needs {len(FEATURES)} coefficients ({', '.join(FEATURES)})")
+        self.small = tuple(float(c) for c in small)
+        self.large = tuple(float(c) for c in large)
+        self.split = split
+        self.meta = dict(meta or {})
+
+    def predict(self, prefill: int, decode: int, decode_ctx: int = 0, prefill_ctx: int = 0) -> float:
+        """Predicted seconds for one iteration (hot path: plain floats, no numpy)."""
+        tokens = prefill + decode
+        c = self.small if tokens <= self.split else self.large
+        t = c[0] + c[1] * tokens + c[2] * prefill + c[3] * decode + c[4] * decode_ctx + c[5] * prefill_ctx
+        return t if t > 1e-6 else 1e-6
+
+    def predict_shape(self, shape: BatchShape) -> float:
+        return self.predict(shape.num_prefill_tokens, shape.num_decode_tokens, shape.decode_ctx,
+                            shape.prefill_ctx)
+
+    # -- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], split: int = 512,
+            meta: dict[str, Any] | None = None) -> BatchTimePredictor:
+        """Least-squares fit of each bin; a bin with too few rows borrows the other bin's fit."""
+        x = np.array([s.features() for s in shapes], dtype=float)
+        y = np.asarray(times, dtype=float)
+        if len(y) != len(x) or len(y) < len(FEATURES):
+            raise ValueError(f"need at least {len(FEATURES)} profile rows with one time each")
+        small_rows = x[:, 1] <= split
+        coefs = {}
+        for name, mask in (("small", small_rows), ("large", ~small_rows)):
+            if mask.sum() >= len(FEATURES):
+                coefs[name] = np.linalg.lstsq(x[mask], y[mask], rcond=None)[0]
+        if not coefs:
+            coefs["small"] = np.linalg.lstsq(x, y, rcond=None)[0]
+        small = coefs.get("small", coefs.get("large"))
+        large = coefs.get("large", small)
+        return cls(small, large, split, meta)
+
+    def mape(self, shapes: Sequence[BatchShape], times: Sequence[float]) -> float:
+        """Mean absolute percentage error (a fraction: 0.05 = 5%)."""
+        errors = [abs(self.predict_shape(s) - t) / t for s, t in zip(shapes, times, strict=True)]
+        return float(np.mean(errors))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(FEATURES), "split": self.split, "small": list(self.small),
+                "large": list(self.large), "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchTimePredictor:
+        if list(data.get("features", FEATURES)) != list(FEATURES):
+            raise ValueError("profile features do not match this version's feature set")
+        return cls(data["small"], data["large"], int(data.get("split", 512)), data.get("meta"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> BatchTimePredictor:
+        """Load a JSON profile by path, or a built-in one by name (see ``builtin_profiles``)."""
+        path = Path(name_or_path)
+        if path.suffix != ".json" and str(name_or_path) in builtin_profiles():
+            text = resources.files("niyama").joinpath(f"profiles/{name_or_path}.json").read_text()
+        else:
+            try:
+                text = path.read_text()
+            except OSError as e:
+                known = ", ".join(builtin_profiles())
+                raise ValueError(f"cannot read profile {name_or_path} ({e.strerror}); "
+                                 f"built-in profiles: {known}") from None
+        return cls.from_dict(json.loads(text))
+
+
+def builtin_profiles() -> list[str]:
+    folder = resources.files("niyama").joinpath("profiles")
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))

@@ -1,0 +1,265 @@
+"""The scheduling loop every policy shares; policies differ only in the hooks they override.
+
+Per iteration: (1) every decode-phase request gets its one token (decodes are never dropped for
+scheduling; KV exhaustion preempts the least important running request by recompute), (2) the rest of
+the token budget goes to prefill chunks in the policy's priority order, (3) if budget is left, relegated
+requests get it. The scheduler is pure: it reads no clock (``now`` comes in), does no I/O and imports no
+torch, so the live engine and the simulator drive the same code.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, ClassVar
+
+from niyama.memory import KVBlockManager
+from niyama.predictor import BatchTimePredictor
+from niyama.request import FinishReason, Request, RequestStatus
+from niyama.scheduler.batch import Batch, samples
+from niyama.scheduler.decode_estimator import DecodeLengthEstimator
+
+SortKey = Any  # a float or a tuple of floats; lower is served first
+
+DEFAULT_CHUNK_CANDIDATES = (128, 256, 384, 512, 768, 1024, 1536, 2048, 2552)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256  # most requests holding KV at once
+    chunk_size: int = 256  # token budget per iteration (fixed-budget policies; Niyama's fallback)
+    # Niyama's three mechanisms, each switchable for ablation.
+    dynamic_chunking: bool = True
+    relegation: bool = True
+    hybrid_alpha: float = 0.008  # s per token; 0 gives EDF ordering
+    safety: float = 1.2  # predicted batch time is multiplied by this before comparing with slack
+    chunk_candidates: tuple[int, ...] = DEFAULT_CHUNK_CANDIDATES
+    low_memory_free: float = 0.1  # below this free KV fraction, chunks are capped at low_memory_chunk
+    low_memory_chunk: int = 512
+    decode_prior: int = 128  # decode-length estimate before a class has history
+    decode_sigmas: float = 2.0  # the estimate is mean + this many standard deviations
+    relegation_period: float = 0.5  # s between full relegation walks of the queue
+
+
+class Scheduler:
+    """Base scheduler: FCFS order with a fixed token budget (Sarathi-Serve). Subclasses override hooks."""
+
+    name: ClassVar[str] = "fcfs"
+
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager, predictor: BatchTimePredictor | None):
+        self.config = config
+        self.kv = kv
+        self.predictor = predictor
+        self.decode_lengths = DecodeLengthEstimator(config.decode_prior, config.decode_sigmas)
+        self.waiting: list[tuple[SortKey, int, Request]] = []  # sorted by static priority key
+        self.running: list[Request] = []  # hold KV blocks: partial prefills and decodes
+        self.relegated: list[Request] = []
+        self.num_preemptions = 0
+        self._seq = count()
+        self._by_id: dict[str, Request] = {}
+
+    # -- policy hooks --------------------------------------------------------------------------
+    def waiting_key(self, request: Request) -> SortKey:
+        """Priority of a request that has not started (lower first). Must not change while it waits."""
+        return request.arrival
+
+    def running_key(self, request: Request, now: float) -> SortKey:
+        """Priority of a partly prefilled request; by default the same as when it waited."""
+        return self.waiting_key(request)
+
+    def token_budget(self, decodes: list[Request], now: float) -> int:
+        """Total tokens (decodes included) for this iteration."""
+        return self.config.chunk_size
+
+    def relegate(self, candidates: list[Request], decodes: list[Request], budget: int,
+                 now: float) -> list[Request]:
+        """Return the candidates that stay in the normal queue (policies without relegation keep all)."""
+        return candidates
+
+    def admissible(self, request: Request, now: float) -> bool:
+        """Last check before a waiting request gets tokens (Niyama relegates hopeless ones here)."""
+        return True
+
+    def relegated_key(self, request: Request) -> tuple[int, float]:
+        return (request.qos.importance, request.deadline)
+
+    # -- queue management ----------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens + request.max_tokens > self.kv.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) "
+                             f"exceeds the KV cache ({self.kv.capacity_tokens} tokens)")
+        self._by_id[request.request_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        if request.relegated:
+            request.status = RequestStatus.RELEGATED
+            insort(self.relegated, request, key=self.relegated_key)
+        else:
+            insort(self.waiting, (self.waiting_key(request), next(self._seq), request))
+
+    def get(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_relegated(self) -> int:
+        return len(self.relegated)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.relegated)
+
+    def finish(self, request: Request, now: float, reason: FinishReason) -> None:
+        """End a request (finished, stopped by a stop string, or aborted) and free its KV blocks."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.RELEGATED:
+            self.relegated.remove(request)
+        else:
+            self.waiting = [w for w in self.waiting if w[2] is not request]
+        self.kv.free(request)
+        request.finish_reason = reason
+        request.finish_time = now
+        request.status = RequestStatus.ABORTED if reason is FinishReason.ABORT else RequestStatus.FINISHED
+        del self._by_id[request.request_id]
+        if reason is not FinishReason.ABORT:
+            self.decode_lengths.observe(request.qos.name, request.num_output_tokens)
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        request = self._by_id.get(request_id)
+        if request is not None:
+            self.finish(request, now, FinishReason.ABORT)
+        return request
+
+    def preempt(self, request: Request) -> None:
+        """Recompute-style preemption: free the KV blocks; the request waits again, nothing is lost."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.reset_for_recompute()
+        self.num_preemptions += 1
+        self._enqueue(request)
+
+    # -- one iteration -------------------------------------------------------------------------
+    def schedule(self, now: float) -> Batch:
+        batch = Batch()
+        batch.decodes = self._reserve_decodes(batch)
+        admit = not batch.preempted  # a request preempted now must not take its blocks straight back
+        while True:
+            budget = max(self.token_budget(batch.decodes, now) - len(batch.decodes), 0)
+            partials = [r for r in self.running if not r.is_decoding and not r.relegated]
+            candidates = self.relegate(self._prefill_order(partials, now), batch.decodes, budget, now)
+            budget = self._fill_prefills(batch, candidates, budget, now, admit)
+            if budget > 0:
+                pool = self.relegated + [r for r in self.running if r.relegated and not r.is_decoding]
+                if pool:
+                    self._fill_prefills(batch, sorted(pool, key=self.relegated_key), budget, now, admit)
+            if batch or not self.running:
+                return batch
+            # Every running request is a stalled partial prefill and KV is full: free one, and let the
+            # others use its blocks before anyone new is admitted (or the victim would just come back).
+            victim = max(self.running, key=self._victim_key)
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            admit = False
+
+    def _prefill_order(self, partials: list[Request], now: float) -> list[Request]:
+        """Partly prefilled requests merged into the (already sorted) waiting queue."""
+        waiting = [w[2] for w in self.waiting]
+        if not partials:
+            return waiting
+        keyed = sorted(((self.running_key(r, now), r) for r in partials), key=lambda kr: kr[0])
+        out: list[Request] = []
+        i = 0
+        for k, r in keyed:
+            while i < len(waiting) and self.waiting[i][0] < k:
+                out.append(waiting[i])
+                i += 1
+            out.append(r)
+        out.extend(waiting[i:])
+        return out
+
+    def _relegate(self, request: Request) -> None:
+        """Move a request to the relegated queue (it keeps any KV it holds while running)."""
+        request.relegated = True
+        if request.status is not RequestStatus.RUNNING:
+            self.waiting.remove(next(w for w in self.waiting if w[2] is request))
+            self._enqueue(request)
+
+    def _victim_key(self, request: Request) -> tuple[bool, int, float]:
+        """Largest = preempted first: relegated, then least important, then latest arrival."""
+        return (request.relegated, request.qos.importance, request.arrival)
+
+    def _reserve_decodes(self, batch: Batch) -> list[Request]:
+        """Make room for one more token per decode, preempting by recompute if KV is short."""
+        while True:
+            decodes = [r for r in self.running if r.is_decoding]
+            needed = sum(1 for r in decodes if self.kv.blocks_needed(r, 1))
+            if needed <= self.kv.num_free_blocks:
+                break
+            victim = max(self.running, key=self._victim_key)
+            self.preempt(victim)
+            batch.preempted.append(victim)
+        for r in decodes:
+            self.kv.allocate(r, 1)
+        return decodes
+
+    def _fill_prefills(self, batch: Batch, candidates: list[Request], budget: int, now: float,
+                       admit_new: bool) -> int:
+        for r in candidates:
+            if budget <= 0:
+                break
+            new = r.status is not RequestStatus.RUNNING
+            if new and (not admit_new or len(self.running) >= self.config.max_num_seqs):
+                continue
+            if not r.relegated and not self.admissible(r, now):
+                continue
+            n = min(r.prefill_remaining, budget, self.kv.max_new_tokens(r, admit=new))
+            if n <= 0:
+                admit_new = admit_new and not new  # memory is short: admit nobody new behind it
+                continue
+            self.kv.allocate(r, n)
+            if new:
+                self._start(r, now)
+            batch.prefills.append((r, n))
+            budget -= n
+        return budget
+
+    def _start(self, request: Request, now: float) -> None:
+        if request.status is RequestStatus.RELEGATED:
+            self.relegated.remove(request)
+        else:
+            self.waiting.remove(next(w for w in self.waiting if w[2] is request))
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+        self.running.append(request)
+
+    def update(self, batch: Batch, now: float, sampled: Mapping[str, int] | None = None) -> list[Request]:
+        """Advance progress after the batch ran; ``sampled`` maps request id → new token (the
+        simulator passes None: token 0). Returns the requests that finished."""
+        finished = []
+        for r, n in batch.chunks:
+            if r.is_finished:  # aborted while the batch ran
+                continue
+            sampling = samples(r, n)
+            r.num_computed_tokens += n
+            if sampling:
+                token = sampled[r.request_id] if sampled is not None else 0
+                if r.append_token(token, now):
+                    self.finish(r, now, r.finish_reason or FinishReason.LENGTH)
+                    finished.append(r)
+        return finished
+

@@ -1,0 +1,173 @@
+"""Deadline-driven scheduling: EDF, and Niyama's three mechanisms on top of it (DESIGN.md §2).
+
+1. Dynamic chunking: the token budget is the largest candidate whose predicted batch time (× safety)
+   fits in the smallest decode slack, instead of a fixed chunk.
+2. Hybrid prioritization: prompt priority = deadline + α × remaining work (α = 0 is EDF).
+3. Eager relegation: walking the queue in priority order with the estimated prefill rate, a request
+   that would finish its prefill after its deadline is relegated; to make room, less important
+   requests ahead of it are relegated first (sheddable before standard before critical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from niyama.memory import KVBlockManager
+from niyama.predictor import BatchTimePredictor
+from niyama.qos import Importance
+from niyama.request import FinishReason, Request
+from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
+
+
+class DeadlineScheduler(Scheduler):
+    name = "niyama"
+
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager, predictor: BatchTimePredictor | None):
+        if predictor is None and (config.dynamic_chunking or config.relegation):
+            raise ValueError("dynamic chunking and relegation need a batch-time predictor")
+        super().__init__(config, kv, predictor)
+        # Time of one typical iteration, used to turn an estimated decode length into seconds.
+        self.iteration_time = predictor.predict(config.chunk_size, 0) if predictor else 0.05
+        # (prefill tokens, prefill deadline) of each waiting request, fixed while it waits: the
+        # relegation walk visits the whole queue every iteration, so it must be cheap.
+        self._plan: dict[Request, tuple[int, float]] = {}
+        self._rate = 1.0  # estimated prefill tokens/s, refreshed every iteration
+        self._next_walk = float("-inf")
+
+    # -- ordering ------------------------------------------------------------------------------
+    def decode_estimate(self, request: Request) -> float:
+        """Estimated output tokens still to come (the true length is unknown)."""
+        est = self.decode_lengths.estimate(request.qos.name) - request.num_output_tokens
+        return min(max(est, 1.0), request.decode_remaining_max)
+
+    def prefill_deadline(self, request: Request) -> float:
+        """When prefill must be done: the TTFT deadline, or for batch work the TTLT deadline less the
+        predicted decode time."""
+        if request.qos.interactive:
+            return request.deadline
+        return request.deadline - self.decode_estimate(request) * self.iteration_time
+
+    def _priority(self, request: Request) -> float:
+        alpha = self.config.hybrid_alpha
+        if alpha == 0:
+            return self.prefill_deadline(request)
+        work = request.prefill_remaining
+        if not request.qos.interactive:
+            work += self.decode_estimate(request)
+        return request.deadline + alpha * work
+
+    def waiting_key(self, request: Request) -> SortKey:
+        self._plan[request] = (request.prefill_remaining, self.prefill_deadline(request))
+        return self._priority(request)
+
+    def running_key(self, request: Request, now: float) -> SortKey:
+        return self._priority(request)
+
+    def _start(self, request: Request, now: float) -> None:
+        self._plan.pop(request, None)
+        super()._start(request, now)
+
+    def finish(self, request: Request, now: float, reason: FinishReason) -> None:
+        self._plan.pop(request, None)
+        super().finish(request, now, reason)
+
+    # -- dynamic chunking ----------------------------------------------------------------------
+    def decode_slack(self, request: Request, now: float) -> float:
+        """Time until the next token is due; for batch work, the per-token share of the time left."""
+        if request.qos.interactive:
+            return request.next_token_deadline - now
+        return (request.deadline - now) / self.decode_estimate(request)
+
+    def token_budget(self, decodes: list[Request], now: float) -> int:
+        cfg = self.config
+        if not cfg.dynamic_chunking:
+            return cfg.chunk_size
+        candidates = cfg.chunk_candidates
+        if self.kv.num_free_blocks < cfg.low_memory_free * self.kv.num_blocks:
+            candidates = tuple(c for c in candidates if c <= cfg.low_memory_chunk) or candidates[:1]
+        slack = min((self.decode_slack(r, now) for r in decodes if not r.relegated), default=None)
+        if slack is None:
+            return candidates[-1]
+        d = len(decodes)
+        decode_ctx = sum(r.num_computed_tokens for r in decodes)
+        best = candidates[0]
+        for c in candidates:
+            prefill = max(c - d, 0)
+            if self.predictor.predict(prefill, d, decode_ctx, prefill) * cfg.safety > slack:  # type: ignore[union-attr]
+                break
+            best = c
+        return best
+
+    # -- eager relegation ----------------------------------------------------------------------
+    def _prefill_rate(self, decodes: list[Request], budget: int) -> float:
+        """Estimated prefill tokens/s at this iteration's budget next to the running decodes."""
+        budget = budget or self.config.chunk_size
+        decode_ctx = sum(r.num_computed_tokens for r in decodes)
+        return budget / self.predictor.predict(budget, len(decodes), decode_ctx, budget)  # type: ignore[union-attr]
+
+    def relegate(self, candidates: list[Request], decodes: list[Request], budget: int,
+                 now: float) -> list[Request]:
+        """Walk the queue in priority order, accumulating estimated prefill time; relegate whoever would
+        miss (making room by relegating less important requests ahead first).
+
+        The walk visits the whole queue, which under overload holds thousands of batch requests, so it
+        runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
+        request that could not make its deadline even if served right now.
+        """
+        if not self.config.relegation or not candidates:
+            return candidates
+        self._rate = self._prefill_rate(decodes, budget)
+        if now < self._next_walk:
+            return candidates
+        self._next_walk = now + self.config.relegation_period
+        inv_rate = 1.0 / self._rate
+        t = now
+        ahead: dict[Importance, list[tuple[Request, float]]] = {Importance.STANDARD: [], Importance.SHEDDABLE: []}
+        plan = self._plan
+        for r in candidates:
+            work, deadline = plan.get(r) or (r.prefill_remaining, self.prefill_deadline(r))
+            dt = work * inv_rate
+            if t + dt > deadline:
+                if now + dt > deadline:  # cannot make it even alone
+                    self._relegate(r)
+                    continue
+                t = self._make_room(t + dt, deadline, r.qos.importance, ahead) - dt
+                if t + dt > deadline:
+                    self._relegate(r)
+                    continue
+            t += dt
+            if r.qos.importance in ahead:
+                ahead[r.qos.importance].append((r, dt))
+        return [r for r in candidates if not r.relegated]
+
+    def _make_room(self, t: float, deadline: float, importance: Importance,
+                   ahead: dict[Importance, list[tuple[Request, float]]]) -> float:
+        """Relegate less important requests ahead (sheddable first, least urgent first) until ``t``
+        meets ``deadline`` or none is left; returns the new finish time."""
+        for level in (Importance.SHEDDABLE, Importance.STANDARD):
+            if level <= importance:
+                break
+            stack = ahead[level]
+            while stack and t > deadline:
+                victim, victim_dt = stack.pop()
+                self._relegate(victim)
+                t -= victim_dt
+        return t
+
+    def admissible(self, request: Request, now: float) -> bool:
+        if self.config.relegation and not request.relegated:
+            work, deadline = self._plan.get(request) or (request.prefill_remaining, self.prefill_deadline(request))
+            if now + work / self._rate > deadline:
+                self._relegate(request)
+                return False
+        return True
+
+
+class EDFScheduler(DeadlineScheduler):
+    """Earliest deadline first with a fixed budget: the deadline scheduler with Niyama's mechanisms off."""
+
+    name = "edf"
+
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager, predictor: BatchTimePredictor | None):
+        off = replace(config, dynamic_chunking=False, relegation=False, hybrid_alpha=0.0)
+        super().__init__(off, kv, predictor)

@@ -1,0 +1,181 @@
+"""The paper's experiments on the simulator: capacity, overload, transient load, ablation, silos.
+
+Every experiment is a set of independent simulation runs (``Point``), farmed out to worker processes,
+and returns plain data that ``niyama.sim.plots`` draws and the CLI prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tqdm import tqdm
+
+from niyama.predictor import BatchTimePredictor
+from niyama.qos import QoSClasses
+from niyama.scheduler import SchedulerConfig
+from niyama.sim.capacity import CapacityResult, find_capacity
+from niyama.sim.report import max_class_violation, summarize
+from niyama.sim.simulator import SimConfig, simulate
+from niyama.sim.workload import WorkloadSpec, build_workload
+
+# Named scheduler variants: (scheduler name, SchedulerConfig overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fcfs": ("fcfs", {}),
+    "edf": ("edf", {}),
+    "srpf": ("srpf", {}),
+    "priority": ("priority", {}),
+    "niyama": ("niyama", {}),
+    "edf+dc": ("niyama", {"relegation": False, "hybrid_alpha": 0.0}),
+    "edf+dc+rel": ("niyama", {"hybrid_alpha": 0.0}),
+    "fcfs-256": ("fcfs", {"chunk_size": 256}),
+    "fcfs-2048": ("fcfs", {"chunk_size": 2048}),
+}
+ABLATION = ("edf", "edf+dc", "edf+dc+rel", "niyama")
+
+
+@dataclass
+class Setup:
+    """What every run of an experiment shares."""
+
+    trace: str = "azure_code"
+    duration: float = 3600.0  # seconds of arrivals per run (requests = rate × duration)
+    profile: str = "a100-llama3-8b"
+    noise: float = 0.05
+    qos_config: str | None = None
+    class_mix: dict[str, float] | None = None
+    importance_mix: dict[str, float] = field(default_factory=lambda: {"standard": 1.0})
+    length_scale: float = 1.0
+    base_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 1
+    workers: int = max(1, min(os.cpu_count() or 1, 4))
+
+
+@dataclass(frozen=True)
+class Point:
+    variant: str
+    rate: float = 0.0
+    schedule: tuple[tuple[float, float], ...] = ()
+    replicas: int = 1  # round-robin over this many replicas; the requests are split accordingly
+    classes: tuple[str, ...] = ()  # only these QoS classes (a silo); empty = all
+
+
+def variant_config(setup: Setup, variant: str) -> tuple[str, SchedulerConfig]:
+    try:
+        name, overrides = VARIANTS[variant]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {variant!r} (known: {', '.join(VARIANTS)})") from None
+    return name, replace(setup.base_config, **overrides)
+
+
+def run_point(setup: Setup, point: Point) -> dict[str, Any]:
+    """Simulate one point and return its summary (all replicas' requests together)."""
+    classes = QoSClasses.load(setup.qos_config)
+    mix = setup.class_mix or {name: 1.0 for name in classes}
+    spec = WorkloadSpec(trace=setup.trace, rate=point.rate or None, schedule=point.schedule,
+                        num_requests=int(point.rate * setup.duration) if point.rate else None,
+                        class_mix=mix, importance_mix=setup.importance_mix,
+                        length_scale=setup.length_scale, seed=setup.seed)
+    specs = build_workload(spec)
+    if point.classes:
+        specs = [s for s in specs if s.qos_class in point.classes]
+    name, config = variant_config(setup, point.variant)
+    latency = BatchTimePredictor.load(setup.profile)
+    requests, duration = [], 0.0
+    for k in range(point.replicas):
+        result = simulate(specs[k::point.replicas], classes,
+                          SimConfig(name, config, latency, noise=setup.noise, seed=setup.seed + k))
+        requests += result.requests
+        duration = max(duration, result.duration)
+    summary = summarize(requests, duration)
+    summary["point"] = {"variant": point.variant, "rate": point.rate, "replicas": point.replicas}
+    return summary
+
+
+def run_points(setup: Setup, points: Sequence[Point], desc: str) -> list[dict[str, Any]]:
+    """Run points in parallel worker processes, with a progress bar; results in input order."""
+    if setup.workers <= 1 or len(points) <= 1:
+        return [run_point(setup, p) for p in tqdm(points, desc=desc, unit="run")]
+    with ProcessPoolExecutor(setup.workers) as pool:
+        futures = [pool.submit(run_point, setup, p) for p in points]
+        return [f.result() for f in tqdm(futures, desc=desc, unit="run")]
+
+
+# -- experiments -------------------------------------------------------------------------------------
+def capacity(setup: Setup, variant: str, start: float = 2.0,
+             log: Callable[[str], None] | None = None) -> CapacityResult:
+    def evaluate(rate: float) -> float:
+        return max_class_violation(run_point(setup, Point(variant, rate)))
+
+    def on_point(rate: float, v: float) -> None:
+        if log:
+            log(f"  {setup.trace} {variant}: {rate:.3f} req/s → worst class {v:.2f}% violations")
+
+    return find_capacity(evaluate, start=start, on_point=on_point)
+
+
+def capacities(setup: Setup, variants: Iterable[str], start: float = 2.0) -> dict[str, CapacityResult]:
+    """Capacity of several variants, each search in its own worker process."""
+    variants = list(variants)
+    with ProcessPoolExecutor(max(1, min(setup.workers, len(variants)))) as pool:
+        futures = {v: pool.submit(capacity, setup, v, start) for v in variants}
+        return {v: f.result() for v, f in tqdm(futures.items(), desc=f"capacity {setup.trace}",
+                                                unit="scheduler")}
+
+
+def overload(setup: Setup, variants: Sequence[str], rates: Sequence[float]
+             ) -> dict[str, list[dict[str, Any]]]:
+    points = [Point(v, r) for v in variants for r in rates]
+    results = run_points(setup, points, f"overload {setup.trace}")
+    return {v: [s for p, s in zip(points, results, strict=True) if p.variant == v] for v in variants}
+
+
+def transient(setup: Setup, variants: Sequence[str], low: float, high: float, period: float,
+              total: float) -> dict[str, dict[str, Any]]:
+    phases = int(total // period)
+    schedule = tuple((period, low if i % 2 == 0 else high) for i in range(phases))
+    results = run_points(setup, [Point(v, schedule=schedule) for v in variants], f"transient {setup.trace}")
+    return dict(zip(variants, results, strict=True))
+
+
+def replicas_needed(setup: Setup, variant: str, rate: float, classes: tuple[str, ...] = (),
+                    max_replicas: int = 256) -> tuple[int, list[tuple[int, float]]]:
+    """Fewest round-robin replicas that keep every class at ≤ 1% violations at aggregate ``rate``."""
+    tried: list[tuple[int, float]] = []
+
+    def passes(n: int) -> bool:
+        v = max_class_violation(run_point(setup, Point(variant, rate, replicas=n, classes=classes)))
+        tried.append((n, v))
+        return v <= 1.0
+
+    lo, hi = 0, 1  # lo fails (0 replicas always fails), hi is probed
+    while not passes(hi):
+        lo, hi = hi, hi * 2
+        if hi > max_replicas:
+            raise RuntimeError(f"{variant} needs more than {max_replicas} replicas")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi, sorted(tried)
+
+
+def silos(setup: Setup, rate: float) -> dict[str, Any]:
+    """Replicas for per-class pools (FCFS, chunk 256 for interactive and 2048 for batch) versus one
+    shared Niyama pool, at the same aggregate rate."""
+    classes = QoSClasses.load(setup.qos_config)
+    jobs: dict[str, tuple[str, tuple[str, ...]]] = {"shared niyama": ("niyama", ())}
+    for name, qos in classes.items():
+        jobs[f"silo {name}"] = ("fcfs-256" if qos.interactive else "fcfs-2048", (name,))
+    with ProcessPoolExecutor(max(1, min(setup.workers, len(jobs)))) as pool:
+        futures = {k: pool.submit(replicas_needed, setup, v, rate, c) for k, (v, c) in jobs.items()}
+        found = {k: f.result() for k, f in tqdm(futures.items(), desc=f"silos {setup.trace}", unit="pool")}
+    siloed = sum(n for k, (n, _) in found.items() if k.startswith("silo"))
+    shared = found["shared niyama"][0]
+    return {"rate": rate, "pools": {k: {"replicas": n, "tried": t} for k, (n, t) in found.items()},
+            "siloed_total": siloed, "shared_total": shared, "saving_pct": 100.0 * (1 - shared / siloed)}

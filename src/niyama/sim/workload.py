@@ -1,0 +1,143 @@
+"""Workloads for simulation and benchmarks: trace lengths, arrival processes, QoS and importance mixes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from niyama.qos import Importance
+
+TRACE_FILES = {
+    "azure_code": "azure_code_2023.csv",
+    "azure_conv": "azure_conv_2023.csv",
+    "sharegpt": "sharegpt_lengths.csv",
+}
+DEFAULT_CLASS_MIX = {"interactive": 1 / 3, "batch-10m": 1 / 3, "batch-30m": 1 / 3}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One request of a workload: when it arrives, how long it is, which QoS it asks for."""
+
+    arrival: float
+    prompt_tokens: int
+    decode_tokens: int
+    qos_class: str
+    importance: Importance = Importance.STANDARD
+
+
+@dataclass
+class Trace:
+    prompt_tokens: np.ndarray
+    decode_tokens: np.ndarray
+    arrivals: np.ndarray | None  # seconds from the trace's start; None when the trace has no times
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+
+def trace_dir() -> Path:
+    """``shared/data/traces`` beside the project root (or ``$NIYAMA_TRACE_DIR``)."""
+    if env := os.environ.get("NIYAMA_TRACE_DIR"):
+        return Path(env)
+    for base in (Path.cwd(), *Path(__file__).resolve().parents):
+        candidate = base.parent / "shared" / "data" / "traces"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("cannot find shared/data/traces beside the project; set NIYAMA_TRACE_DIR")
+
+
+def load_trace(name_or_path: str) -> Trace:
+    """A trace by name (``azure_code``, ``azure_conv``, ``sharegpt``) or a CSV path with the columns
+    ``num_prefill_tokens``, ``num_decode_tokens`` and optionally ``arrived_at``."""
+    path = trace_dir() / TRACE_FILES[name_or_path] if name_or_path in TRACE_FILES else Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trace {name_or_path!r} (known: {', '.join(TRACE_FILES)}, or a CSV path)")
+    with path.open() as f:
+        header = f.readline().strip().split(",")
+    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    col = {name: i for i, name in enumerate(header)}
+    for needed in ("num_prefill_tokens", "num_decode_tokens"):
+        if needed not in col:
+            raise ValueError(f"trace {path} has no {needed} column")
+    arrivals = data[:, col["arrived_at"]] - data[0, col["arrived_at"]] if "arrived_at" in col else None
+    prompts, decodes = data[:, col["num_prefill_tokens"]], data[:, col["num_decode_tokens"]]
+    return Trace(prompts.astype(int), decodes.astype(int), arrivals)
+
+
+def poisson_arrivals(n: int, rate: float, rng: np.random.Generator, cv: float = 1.0) -> np.ndarray:
+    """Arrival times of a renewal process with mean rate ``rate``: Poisson for cv = 1, gamma
+    inter-arrivals with coefficient of variation ``cv`` otherwise (cv > 1 is burstier)."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    if cv == 1.0:
+        gaps = rng.exponential(1.0 / rate, n)
+    else:
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), n)
+    return np.cumsum(gaps) - gaps[0]
+
+
+def piecewise_arrivals(schedule: Sequence[tuple[float, float]], rng: np.random.Generator,
+                       cv: float = 1.0) -> np.ndarray:
+    """Arrivals for consecutive phases of ``(duration_s, rate)``: e.g. load alternating 2 ↔ 5 QPS."""
+    times, start = [], 0.0
+    for duration, rate in schedule:
+        expected = int(duration * rate * 1.5) + 10
+        t = start + poisson_arrivals(expected, rate, rng, cv) + rng.exponential(1.0 / rate)
+        times.append(t[t < start + duration])
+        start += duration
+    return np.concatenate(times)
+
+
+@dataclass
+class WorkloadSpec:
+    trace: str = "azure_code"
+    num_requests: int | None = None  # default: the whole trace (or what the arrivals give)
+    rate: float | None = None  # requests/s; None replays the trace's own arrival times
+    cv: float = 1.0  # burstiness of generated arrivals (1 = Poisson)
+    schedule: Sequence[tuple[float, float]] = ()  # (duration, rate) phases instead of one rate
+    class_mix: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_CLASS_MIX))
+    importance_mix: Mapping[str, float] = field(default_factory=lambda: {"standard": 1.0})
+    length_scale: float = 1.0  # multiply prompt and decode lengths (for small models)
+    max_prompt_tokens: int | None = None  # clip longer prompts
+    offset: int = 0  # first trace row used
+    seed: int = 0
+
+
+def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: str) -> np.ndarray:
+    names = list(mix)
+    weights = np.array([mix[k] for k in names], dtype=float)
+    if len(names) == 0 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"{what} mix needs non-negative weights that sum above zero")
+    return np.array(names, dtype=object)[rng.choice(len(names), size=n, p=weights / weights.sum())]
+
+
+def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
+    rng = np.random.default_rng(spec.seed)
+    trace = load_trace(spec.trace)
+    if spec.schedule:
+        arrivals = piecewise_arrivals(spec.schedule, rng, spec.cv)
+        n = len(arrivals) if spec.num_requests is None else min(spec.num_requests, len(arrivals))
+        arrivals = arrivals[:n]
+    elif spec.rate is not None:
+        n = spec.num_requests or len(trace)
+        arrivals = poisson_arrivals(n, spec.rate, rng, spec.cv)
+    else:
+        if trace.arrivals is None:
+            raise ValueError(f"trace {spec.trace} has no arrival times: give a rate")
+        n = min(spec.num_requests or len(trace), len(trace) - spec.offset)
+        arrivals = trace.arrivals[spec.offset:spec.offset + n] - trace.arrivals[spec.offset]
+    rows = (np.arange(n) + spec.offset) % len(trace)
+    prompts = np.maximum(np.rint(trace.prompt_tokens[rows] * spec.length_scale), 1).astype(int)
+    decodes = np.maximum(np.rint(trace.decode_tokens[rows] * spec.length_scale), 1).astype(int)
+    if spec.max_prompt_tokens:
+        prompts = np.minimum(prompts, spec.max_prompt_tokens)
+    classes = _mix_draw(spec.class_mix, n, rng, "class")
+    importances = _mix_draw(spec.importance_mix, n, rng, "importance")
+    return [RequestSpec(float(a), int(p), int(d), str(c), Importance.parse(str(i)))
+            for a, p, d, c, i in zip(arrivals, prompts, decodes, classes, importances, strict=True)]

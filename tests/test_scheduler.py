@@ -1,0 +1,189 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from niyama.request import RequestStatus
+from niyama.scheduler import SCHEDULERS
+from tests.conftest import BATCH, CHAT, build_scheduler, linear_predictor, make_request, run_to_completion
+
+
+def prefill_ids(batch):
+    return [r.request_id for r, _ in batch.prefills]
+
+
+def test_fcfs_fills_a_fixed_budget_in_arrival_order(build):
+    s = build("fcfs", chunk_size=256)
+    for i, prompt in enumerate([100, 200, 300]):
+        s.add(make_request(prompt, arrival=float(i), rid=f"a{i}"))
+    batch = s.schedule(now=5.0)
+    assert [(r.request_id, n) for r, n in batch.prefills] == [("a0", 100), ("a1", 156)]
+    s.update(batch, 5.1)
+    batch = s.schedule(now=5.1)
+    # a0 now decodes (decodes first); the partly prefilled a1 continues before a2 starts.
+    assert [r.request_id for r in batch.decodes] == ["a0"]
+    assert [(r.request_id, n) for r, n in batch.prefills] == [("a1", 44), ("a2", 211)]
+
+
+def test_edf_orders_by_deadline_and_batch_deadline_less_decode_time(build):
+    s = build("edf", chunk_size=10_000)
+    s.add(make_request(10, arrival=0.0, qos=BATCH, rid="batch"))  # deadline 600 − decode estimate
+    s.add(make_request(10, arrival=5.0, qos=CHAT, rid="late-chat"))  # deadline 11
+    s.add(make_request(10, arrival=1.0, qos=CHAT, rid="early-chat"))  # deadline 7
+    assert prefill_ids(s.schedule(6.0)) == ["early-chat", "late-chat", "batch"]
+    batch_req = s.get("batch")
+    assert s.prefill_deadline(batch_req) == pytest.approx(600.0 - 16 * s.iteration_time)
+
+
+def test_srpf_orders_by_remaining_prompt(build):
+    s = build("srpf", chunk_size=10_000)
+    for rid, prompt in [("long", 900), ("short", 10), ("mid", 300)]:
+        s.add(make_request(prompt, rid=rid))
+    assert prefill_ids(s.schedule(0.0)) == ["short", "mid", "long"]
+
+
+def test_priority_is_strict_then_fcfs(build):
+    s = build("priority", chunk_size=10_000)
+    s.add(make_request(10, arrival=0.0, priority=5, rid="low"))
+    s.add(make_request(10, arrival=2.0, priority=0, rid="high-2"))
+    s.add(make_request(10, arrival=1.0, priority=0, rid="high-1"))
+    assert prefill_ids(s.schedule(3.0)) == ["high-1", "high-2", "low"]
+
+
+def test_hybrid_priority_trades_deadline_for_remaining_work(build):
+    # Deadlines 6.0 and 6.5; prompts 2000 and 10 tokens. EDF (α=0) takes the earlier deadline,
+    # α = 8 ms/token makes the short one win (6.5 + 0.08 < 6.0 + 16).
+    edfish = build("niyama", hybrid_alpha=0.0, relegation=False, dynamic_chunking=False, chunk_size=10_000)
+    hybrid = build("niyama", hybrid_alpha=0.008, relegation=False, dynamic_chunking=False, chunk_size=10_000)
+    for s in (edfish, hybrid):
+        s.add(make_request(2000, arrival=0.0, rid="big"))
+        s.add(make_request(10, arrival=0.5, rid="small"))
+    assert prefill_ids(edfish.schedule(1.0)) == ["big", "small"]
+    assert prefill_ids(hybrid.schedule(1.0)) == ["small", "big"]
+
+
+def _decoding(s, rid, arrival, now, qos=CHAT):
+    """Add a request and run it until it is decoding."""
+    r = make_request(10, arrival=arrival, qos=qos, max_tokens=1000, rid=rid)
+    s.add(r)
+    s.update(s.schedule(now), now)
+    assert r.is_decoding
+    return r
+
+
+@pytest.mark.parametrize(("slack", "expected"), [(0.05, 256), (0.2, 1536), (0.0, 128), (10.0, 2552)])
+def test_dynamic_chunk_is_largest_candidate_within_slack(build, slack, expected):
+    # Predicted time 0.01 + 1e-4 × tokens, × 1.2 safety: slack 0.05 allows ≤ 316 tokens → 256.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
+    r = _decoding(s, "d", arrival=0.0, now=0.0)
+    now = r.next_token_deadline - slack
+    assert s.token_budget([r], now) == expected
+
+
+def test_dynamic_chunk_without_decodes_and_under_memory_pressure(build):
+    s = build("niyama", num_blocks=100, block_size=16, relegation=False)
+    assert s.token_budget([], 0.0) == 2552
+    hog = make_request(95 * 16 - 1, max_tokens=1)
+    s.kv.allocate(hog, 95 * 16)  # 5% free < 10% low-memory threshold
+    assert s.token_budget([], 0.0) == 512
+
+
+def test_chunk_budget_limits_the_batch(build):
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
+    r = _decoding(s, "d", arrival=0.0, now=0.0)
+    s.add(make_request(5000, arrival=0.0, rid="p"))
+    batch = s.schedule(r.next_token_deadline - 0.05)
+    assert [x.request_id for x in batch.decodes] == ["d"]
+    assert batch.num_tokens == 256
+
+
+def test_relegation_drops_sheddable_before_standard_before_critical(build):
+    # Rate with an empty batch: 2552 tokens / (0.01 + 1e-4 × 2552) s ≈ 9,616 tok/s, so each
+    # 9,616-token prompt takes ~1 s and only 3 fit before the shared deadline (now + 3.5 s).
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), hybrid_alpha=0.0)
+    prompt = 9616
+    order = [("shed", "sheddable"), ("std-1", "standard"), ("crit", "critical"), ("std-2", "standard"),
+             ("shed-2", "sheddable")]
+    for i, (rid, imp) in enumerate(order):
+        s.add(make_request(prompt, arrival=-2.5 + i * 1e-3, importance=imp, rid=rid))
+    s.schedule(0.0)
+    relegated = {r.request_id for r in s.relegated} | {r.request_id for r in s.running if r.relegated}
+    assert relegated == {"shed", "shed-2"}
+    assert {r.request_id for r in s.running if not r.relegated} <= {"std-1", "crit", "std-2"}
+
+
+def test_hopeless_request_is_relegated_but_still_completes(build):
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4))
+    hopeless = make_request(50, arrival=-10.0, rid="late")  # TTFT deadline already passed
+    fine = make_request(50, arrival=0.0, rid="ok")
+    finished = run_to_completion(s, [hopeless, fine])
+    assert hopeless.relegated and not fine.relegated
+    assert {r.request_id for r in finished} == {"late", "ok"}
+    assert hopeless.slo_met is False and fine.slo_met is True
+
+
+def test_preemption_frees_blocks_and_recomputes_without_loss(build):
+    # 6 blocks of 4 tokens = 24 tokens; two requests of 8 prompt + 8 output tokens cannot both finish.
+    s = build("fcfs", num_blocks=6, block_size=4, chunk_size=64)
+    a = make_request(8, arrival=0.0, max_tokens=8, rid="a")
+    b = make_request(8, arrival=1.0, max_tokens=8, rid="b", importance="sheddable")
+    finished = run_to_completion(s, [a, b])
+    assert {r.request_id for r in finished} == {"a", "b"}
+    assert s.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0
+    assert a.num_output_tokens == b.num_output_tokens == 8
+    assert s.kv.num_free_blocks == 6
+
+
+def test_preempted_request_keeps_its_output_and_recomputes_it(build):
+    s = build("fcfs", num_blocks=100, block_size=4, chunk_size=64)
+    r = make_request(8, max_tokens=8)
+    s.add(r)
+    for t in range(3):
+        s.update(s.schedule(float(t)), float(t) + 0.5)
+    assert r.num_output_tokens == 3 and r.status is RequestStatus.RUNNING
+    s.preempt(r)
+    assert r.status is RequestStatus.PREEMPTED and r.block_ids == [] and s.kv.num_free_blocks == 100
+    batch = s.schedule(4.0)
+    assert batch.prefills == [(r, 8 + 3)]  # prompt plus the tokens already generated
+    s.update(batch, 4.5)
+    assert r.num_output_tokens == 4 and r.is_decoding
+
+
+def test_abort_frees_everything(build):
+    s = build("niyama")
+    r = make_request(100)
+    s.add(r)
+    s.update(s.schedule(0.0), 0.1)
+    assert s.kv.num_free_blocks < s.kv.num_blocks
+    assert s.abort(r.request_id, 0.2) is r
+    assert r.status is RequestStatus.ABORTED and s.kv.num_free_blocks == s.kv.num_blocks
+    assert not s.has_work() and s.abort(r.request_id, 0.3) is None
+
+
+def test_request_that_can_never_fit_is_rejected(build):
+    s = build("fcfs", num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        s.add(make_request(10, max_tokens=10))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SCHEDULERS)),
+    jobs=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.floats(0, 2), st.booleans(),
+                            st.sampled_from(["critical", "standard", "sheddable"])), min_size=1, max_size=12),
+    num_blocks=st.integers(20, 60),
+)
+def test_every_request_finishes_under_memory_pressure(name, jobs, num_blocks):
+    """Any policy, any mix, a KV cache far too small for everything at once: nothing is lost, every
+    request gets exactly its tokens, and all blocks come back."""
+    s = build_scheduler(name, num_blocks=num_blocks, block_size=4, chunk_size=32)
+    reqs = [make_request(p, arrival=a, max_tokens=m, qos=BATCH if batch else CHAT, importance=imp)
+            for p, m, a, batch, imp in jobs]
+    finished = run_to_completion(s, reqs)
+    assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in reqs)
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs)
+    assert s.kv.num_free_blocks == num_blocks
+
+
+def test_unknown_scheduler(build):
+    with pytest.raises(ValueError, match="unknown scheduler 'lifo'"):
+        build("lifo")
