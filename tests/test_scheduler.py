@@ -187,3 +187,16 @@ def test_every_request_finishes_under_memory_pressure(name, jobs, num_blocks):
 def test_unknown_scheduler(build):
     with pytest.raises(ValueError, match="unknown scheduler 'lifo'"):
         build("lifo")
+
+
+def test_partly_prefilled_requests_keep_their_place_in_priority_order(build):
+    # SRPF: after a 60-token chunk, p70 has 10 tokens left and slots in among the waiting prompts.
+    s = build("srpf", chunk_size=60)
+    s.add(make_request(70, rid="p70"))
+    s.add(make_request(100, rid="p100"))
+    s.update(s.schedule(0.0), 0.1)
+    s.add(make_request(5, rid="w5"))
+    s.add(make_request(50, rid="w50"))
+    s.add(make_request(200, rid="w200"))
+    order = [r.request_id for r in s._prefill_order([s.get("p70")], 0.2)]
+    assert order == ["w5", "p70", "w50", "p100", "w200"]

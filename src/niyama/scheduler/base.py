@@ -10,7 +10,7 @@ torch, so the live engine and the simulator drive the same code.
 from __future__ import annotations
 
 from bisect import insort
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, ClassVar
@@ -40,7 +40,7 @@ class SchedulerConfig:
     low_memory_chunk: int = 512
     decode_prior: int = 128  # decode-length estimate before a class has history
     decode_sigmas: float = 2.0  # the estimate is mean + this many standard deviations
-    relegation_period: float = 0.5  # s between full relegation walks of the queue
+    relegation_period: float = 1.0  # s between full relegation walks of the queue
 
 
 class Scheduler:
@@ -73,13 +73,13 @@ class Scheduler:
         """Total tokens (decodes included) for this iteration."""
         return self.config.chunk_size
 
-    def relegate(self, candidates: list[Request], decodes: list[Request], budget: int,
-                 now: float) -> list[Request]:
+    def relegate(self, candidates: Iterable[Request], decodes: list[Request], budget: int,
+                 now: float) -> Iterable[Request]:
         """Return the candidates that stay in the normal queue (policies without relegation keep all)."""
         return candidates
 
     def admissible(self, request: Request, now: float) -> bool:
-        """Last check before a waiting request gets tokens (Niyama relegates hopeless ones here)."""
+        """Last check before a request gets prefill tokens; False relegates it (Niyama: hopeless)."""
         return True
 
     def relegated_key(self, request: Request) -> tuple[int, float]:
@@ -163,9 +163,9 @@ class Scheduler:
             candidates = self.relegate(self._prefill_order(partials, now), batch.decodes, budget, now)
             budget = self._fill_prefills(batch, candidates, budget, now, admit)
             if budget > 0:
-                pool = self.relegated + [r for r in self.running if r.relegated and not r.is_decoding]
-                if pool:
-                    self._fill_prefills(batch, sorted(pool, key=self.relegated_key), budget, now, admit)
+                started = [r for r in self.running if r.relegated and not r.is_decoding]
+                pool = sorted(self.relegated + started, key=self.relegated_key) if started else self.relegated
+                self._fill_prefills(batch, pool, budget, now, admit)
             if batch or not self.running:
                 return batch
             # Every running request is a stalled partial prefill and KV is full: free one, and let the
@@ -175,21 +175,21 @@ class Scheduler:
             batch.preempted.append(victim)
             admit = False
 
-    def _prefill_order(self, partials: list[Request], now: float) -> list[Request]:
-        """Partly prefilled requests merged into the (already sorted) waiting queue."""
-        waiting = [w[2] for w in self.waiting]
-        if not partials:
-            return waiting
+    def _prefill_order(self, partials: list[Request], now: float) -> Iterator[Request]:
+        """Partly prefilled requests merged into the (already sorted) waiting queue, lazily: under
+        overload the queue is long and an iteration usually needs only its head."""
         keyed = sorted(((self.running_key(r, now), r) for r in partials), key=lambda kr: kr[0])
-        out: list[Request] = []
-        i = 0
+        waiting = iter(self.waiting)
+        head = next(waiting, None)  # the first waiting entry not yielded yet
         for k, r in keyed:
-            while i < len(waiting) and self.waiting[i][0] < k:
-                out.append(waiting[i])
-                i += 1
-            out.append(r)
-        out.extend(waiting[i:])
-        return out
+            while head is not None and head[0] < k:
+                yield head[2]
+                head = next(waiting, None)
+            yield r
+        if head is not None:
+            yield head[2]
+            for _, _, w in waiting:
+                yield w
 
     def _relegate(self, request: Request) -> None:
         """Move a request to the relegated queue (it keeps any KV it holds while running)."""
@@ -216,15 +216,20 @@ class Scheduler:
             self.kv.allocate(r, 1)
         return decodes
 
-    def _fill_prefills(self, batch: Batch, candidates: list[Request], budget: int, now: float,
+    def _fill_prefills(self, batch: Batch, candidates: Iterable[Request], budget: int, now: float,
                        admit_new: bool) -> int:
+        """Give prefill chunks to candidates in order until the budget is spent. Queue changes are
+        applied after the loop, because ``candidates`` may be a live view of the waiting queue."""
+        started, hopeless = [], []
+        num_running = len(self.running)
         for r in candidates:
             if budget <= 0:
                 break
             new = r.status is not RequestStatus.RUNNING
-            if new and (not admit_new or len(self.running) >= self.config.max_num_seqs):
+            if new and (not admit_new or num_running >= self.config.max_num_seqs):
                 continue
             if not r.relegated and not self.admissible(r, now):
+                hopeless.append(r)
                 continue
             n = min(r.prefill_remaining, budget, self.kv.max_new_tokens(r, admit=new))
             if n <= 0:
@@ -232,9 +237,14 @@ class Scheduler:
                 continue
             self.kv.allocate(r, n)
             if new:
-                self._start(r, now)
+                started.append(r)
+                num_running += 1
             batch.prefills.append((r, n))
             budget -= n
+        for r in hopeless:
+            self._relegate(r)
+        for r in started:
+            self._start(r, now)
         return budget
 
     def _start(self, request: Request, now: float) -> None:

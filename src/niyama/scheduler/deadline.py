@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable
 from dataclasses import replace
 
 from niyama.memory import KVBlockManager
@@ -105,62 +107,69 @@ class DeadlineScheduler(Scheduler):
         decode_ctx = sum(r.num_computed_tokens for r in decodes)
         return budget / self.predictor.predict(budget, len(decodes), decode_ctx, budget)  # type: ignore[union-attr]
 
-    def relegate(self, candidates: list[Request], decodes: list[Request], budget: int,
-                 now: float) -> list[Request]:
-        """Walk the queue in priority order, accumulating estimated prefill time; relegate whoever would
-        miss (making room by relegating less important requests ahead first).
+    def relegate(self, candidates: Iterable[Request], decodes: list[Request], budget: int,
+                 now: float) -> Iterable[Request]:
+        """Walk the queue in priority order, accumulating estimated prefill time. When a request would
+        miss its deadline, relegate until it fits: first less important requests ahead of it (sheddable,
+        then standard), then among its own level, the one with the most remaining work (itself
+        included), so that overload costs as few requests as possible.
 
         The walk visits the whole queue, which under overload holds thousands of batch requests, so it
         runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
         request that could not make its deadline even if served right now.
         """
-        if not self.config.relegation or not candidates:
+        if not self.config.relegation:
             return candidates
         self._rate = self._prefill_rate(decodes, budget)
         if now < self._next_walk:
             return candidates
         self._next_walk = now + self.config.relegation_period
+        candidates = list(candidates)  # the walk relegates as it goes: no live view of the queue
         inv_rate = 1.0 / self._rate
         t = now
-        ahead: dict[Importance, list[tuple[Request, float]]] = {Importance.STANDARD: [], Importance.SHEDDABLE: []}
+        # Per importance level, the requests kept so far: a plain list until the first miss, then a
+        # max-heap by prefill time (most walks find no miss, and appends are cheaper than pushes).
+        ahead: dict[Importance, list[tuple[float, int, Request]]] = {i: [] for i in Importance}
+        heaps = False
         plan = self._plan
-        for r in candidates:
+        for i, r in enumerate(candidates):
             work, deadline = plan.get(r) or (r.prefill_remaining, self.prefill_deadline(r))
             dt = work * inv_rate
-            if t + dt > deadline:
-                if now + dt > deadline:  # cannot make it even alone
-                    self._relegate(r)
-                    continue
-                t = self._make_room(t + dt, deadline, r.qos.importance, ahead) - dt
-                if t + dt > deadline:
-                    self._relegate(r)
-                    continue
+            if now + dt > deadline:  # cannot make it even alone
+                self._relegate(r)
+                continue
             t += dt
-            if r.qos.importance in ahead:
-                ahead[r.qos.importance].append((r, dt))
+            if heaps:
+                heapq.heappush(ahead[r.qos.importance], (-dt, -i, r))
+            else:
+                ahead[r.qos.importance].append((-dt, -i, r))
+            if t > deadline:
+                if not heaps:
+                    for level in ahead.values():
+                        heapq.heapify(level)
+                    heaps = True
+                t = self._make_room(t, deadline, r.qos.importance, ahead)
         return [r for r in candidates if not r.relegated]
 
     def _make_room(self, t: float, deadline: float, importance: Importance,
-                   ahead: dict[Importance, list[tuple[Request, float]]]) -> float:
-        """Relegate less important requests ahead (sheddable first, least urgent first) until ``t``
-        meets ``deadline`` or none is left; returns the new finish time."""
-        for level in (Importance.SHEDDABLE, Importance.STANDARD):
-            if level <= importance:
+                   ahead: dict[Importance, list[tuple[float, int, Request]]]) -> float:
+        """Relegate kept requests, least important level first and the largest first within a level,
+        until ``t`` meets ``deadline``; returns the new finish time."""
+        for level in sorted(Importance, reverse=True):
+            if level < importance:
                 break
-            stack = ahead[level]
-            while stack and t > deadline:
-                victim, victim_dt = stack.pop()
+            heap = ahead[level]
+            while heap and t > deadline:
+                neg_dt, _, victim = heapq.heappop(heap)
                 self._relegate(victim)
-                t -= victim_dt
+                t += neg_dt
         return t
 
     def admissible(self, request: Request, now: float) -> bool:
-        if self.config.relegation and not request.relegated:
-            work, deadline = self._plan.get(request) or (request.prefill_remaining, self.prefill_deadline(request))
-            if now + work / self._rate > deadline:
-                self._relegate(request)
-                return False
-        return True
+        if not self.config.relegation:
+            return True
+        work, deadline = self._plan.get(request) or (request.prefill_remaining, self.prefill_deadline(request))
+        return now + work / self._rate <= deadline
 
 
 class EDFScheduler(DeadlineScheduler):

@@ -29,7 +29,7 @@ def interpolate(lo: tuple[float, float], hi: tuple[float, float], threshold: flo
 
 
 def find_capacity(evaluate: Evaluate, start: float = 1.0, threshold: float = 1.0, rel_tol: float = 0.03,
-                  max_rate: float = 1e4, on_point: Callable[[float, float], None] | None = None
+                  max_rate: float = 1e4, growth: float = 1.5, on_point: Callable[[float, float], None] | None = None
                   ) -> CapacityResult:
     points: list[tuple[float, float]] = []
 
@@ -43,18 +43,18 @@ def find_capacity(evaluate: Evaluate, start: float = 1.0, threshold: float = 1.0
     lo: tuple[float, float] | None = None
     hi: tuple[float, float] | None = None
     rate = start
-    while lo is None or hi is None:  # bracket: double from a pass, halve from a fail
+    while lo is None or hi is None:  # bracket: grow from a pass, shrink from a fail
         v = probe(rate)
         if v <= threshold:
             lo = (rate, v)
             if rate >= max_rate:
                 return CapacityResult(rate, points, threshold)
-            rate *= 2
+            rate *= growth
         else:
             hi = (rate, v)
             if rate <= start / 64:
                 return CapacityResult(0.0, points, threshold)
-            rate /= 2
+            rate /= growth
     while hi[0] - lo[0] > rel_tol * lo[0]:
         mid = (lo[0] + hi[0]) / 2
         v = probe(mid)

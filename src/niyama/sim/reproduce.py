@@ -27,7 +27,7 @@ OVERLOAD_LOADS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # (Azure Code, Llama-3-8B, A100). We keep the same ratio to this profile's measured capacity.
 TRANSIENT_LOW, TRANSIENT_HIGH, PAPER_CAPACITY = 2.0, 5.0, 4.1
 TRANSIENT_IMPORTANCE = {"critical": 0.4, "standard": 0.4, "sheddable": 0.2}
-SILO_REPLICAS_TARGET = 10  # aggregate rate ≈ this many shared replicas' worth, like the paper's 35 QPS
+SILO_REPLICAS_TARGET = 6  # aggregate rate ≈ this many replicas' worth of Niyama capacity
 
 
 class Report:

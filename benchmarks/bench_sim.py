@@ -1,0 +1,81 @@
+"""Simulator and scheduler speed (issue 2's targets; not a test, numbers go to docs/benchmarks.md).
+
+1. Simulating 10,000 Azure Code requests near Niyama's capacity: target ≤ 10 s wall.
+2. One Niyama scheduling decision with 1,000 waiting requests: target ≤ 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from niyama.memory import KVBlockManager
+from niyama.predictor import BatchTimePredictor
+from niyama.qos import QoSClasses
+from niyama.request import Request
+from niyama.scheduler import SchedulerConfig, make_scheduler
+from niyama.sim.simulator import SimConfig, simulate
+from niyama.sim.workload import WorkloadSpec, build_workload
+
+
+def bench_simulation(rate: float, scheduler: str) -> float:
+    specs = build_workload(WorkloadSpec(trace="azure_code", rate=rate, num_requests=10_000, seed=1))
+    start = time.perf_counter()
+    result = simulate(specs, QoSClasses.load(), SimConfig(scheduler))
+    wall = time.perf_counter() - start
+    print(f"simulate 10,000 azure_code requests at {rate} req/s with {scheduler}: {wall:.2f} s wall "
+          f"({result.iterations} iterations, {result.duration:.0f} s simulated)")
+    return wall
+
+
+def bench_decision(waiting: int, decisions: int) -> list[float]:
+    """Time schedule() with ``waiting`` queued requests, topping the queue up as requests start."""
+    classes = QoSClasses.load()
+    predictor = BatchTimePredictor.load("a100-llama3-8b")
+    kv = KVBlockManager(400_000 // 16, 16)
+    scheduler = make_scheduler("niyama", SchedulerConfig(), kv, predictor)
+    rng = np.random.default_rng(0)
+    names = list(classes)
+    counter = 0
+
+    def add(now: float) -> None:
+        nonlocal counter
+        qos = classes[names[counter % len(names)]]
+        scheduler.add(Request(f"b{counter}", now, qos, int(rng.integers(100, 4000)), int(rng.integers(10, 400))))
+        counter += 1
+
+    now = 0.0
+    for _ in range(waiting):
+        add(now)
+    times = []
+    for _ in range(decisions):
+        start = time.perf_counter()
+        batch = scheduler.schedule(now)
+        times.append(time.perf_counter() - start)
+        now += predictor.predict_shape(batch.shape())
+        scheduler.update(batch, now)
+        while scheduler.num_waiting + scheduler.num_relegated < waiting:
+            add(now)
+    ms = sorted(t * 1e3 for t in times)
+    print(f"schedule() with {waiting} waiting: mean {statistics.mean(ms):.3f} ms, p50 {ms[len(ms) // 2]:.3f} ms, "
+          f"p99 {ms[int(len(ms) * 0.99)]:.3f} ms, max {ms[-1]:.3f} ms over {decisions} decisions "
+          f"(a full relegation walk runs once per simulated second)")
+    return ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=5.0, help="near Niyama's Azure Code capacity")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
+    for scheduler in ("fcfs", "edf", "niyama"):
+        bench_simulation(args.rate, scheduler)
+    bench_decision(1000, 2000)
+
+
+if __name__ == "__main__":
+    main()

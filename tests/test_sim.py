@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from niyama.qos import Importance, QoSClasses
+from niyama.scheduler.decode_estimator import DecodeLengthEstimator
+from niyama.sim.capacity import find_capacity, interpolate
+from niyama.sim.report import max_class_violation, summarize
+from niyama.sim.simulator import SimConfig, simulate
+from niyama.sim.workload import WorkloadSpec, build_workload, load_trace, piecewise_arrivals
+
+CLASSES = QoSClasses.load()
+
+
+def test_traces_load_with_expected_shapes():
+    code = load_trace("azure_code")
+    assert len(code) == 8819 and code.arrivals is not None and code.arrivals[0] == 0
+    assert np.median(code.prompt_tokens) == pytest.approx(1469, abs=5)
+    assert load_trace("sharegpt").arrivals is None
+
+
+def test_workload_rate_mix_and_scaling():
+    spec = WorkloadSpec(trace="azure_conv", rate=4.0, num_requests=3000, length_scale=0.5,
+                        importance_mix={"critical": 1, "sheddable": 1}, seed=3)
+    reqs = build_workload(spec)
+    assert len(reqs) == 3000
+    assert 3000 / reqs[-1].arrival == pytest.approx(4.0, rel=0.1)
+    counts = {c: sum(r.qos_class == c for r in reqs) for c in CLASSES}
+    assert all(900 < n < 1100 for n in counts.values())
+    assert {r.importance for r in reqs} == {Importance.CRITICAL, Importance.SHEDDABLE}
+    trace = load_trace("azure_conv")
+    assert reqs[0].prompt_tokens == max(round(trace.prompt_tokens[0] * 0.5), 1)
+
+
+def test_trace_replay_and_errors():
+    reqs = build_workload(WorkloadSpec(trace="azure_code", num_requests=50))
+    assert reqs[1].arrival == pytest.approx(0.052)
+    with pytest.raises(ValueError, match="no arrival times"):
+        build_workload(WorkloadSpec(trace="sharegpt"))
+    with pytest.raises(FileNotFoundError, match="no trace 'nope'"):
+        build_workload(WorkloadSpec(trace="nope"))
+
+
+def test_piecewise_arrivals_follow_each_phase_rate():
+    t = piecewise_arrivals([(1000, 2.0), (1000, 5.0)], np.random.default_rng(0))
+    assert (t < 1000).sum() == pytest.approx(2000, rel=0.1)
+    assert (t >= 1000).sum() == pytest.approx(5000, rel=0.1)
+
+
+def test_simulation_completes_every_request_deterministically():
+    specs = build_workload(WorkloadSpec(trace="azure_conv", rate=2.0, num_requests=400, seed=5))
+    a = simulate(specs, CLASSES, SimConfig("niyama", seed=2))
+    b = simulate(specs, CLASSES, SimConfig("niyama", seed=2))
+    assert all(r.is_finished for r in a.requests)
+    assert [r.num_output_tokens for r in a.requests] == [s.decode_tokens for s in specs]
+    assert [r.finish_time for r in a.requests] == [r.finish_time for r in b.requests]
+    summary = summarize(a.requests, a.duration)
+    assert summary["overall"]["requests"] == 400 and max_class_violation(summary) == 0.0
+
+
+def test_niyama_beats_fcfs_when_fcfs_is_overloaded():
+    """A comparison at one load, not a timing test: virtual time makes it deterministic."""
+    specs = build_workload(WorkloadSpec(trace="azure_code", rate=3.5, num_requests=1500, seed=1))
+    worst = {s: max_class_violation(summarize(*_run(specs, s))) for s in ("fcfs", "niyama")}
+    assert worst["fcfs"] > 20 and worst["niyama"] < 1
+
+
+def _run(specs, scheduler):
+    result = simulate(specs, CLASSES, SimConfig(scheduler))
+    return result.requests, result.duration
+
+
+def test_capacity_search_brackets_bisects_and_interpolates():
+    calls = []
+
+    def evaluate(rate):
+        calls.append(rate)
+        return max(0.0, (rate - 3.0) * 10)  # crosses 1% at 3.1
+
+    res = find_capacity(evaluate, start=1.0, rel_tol=0.01)
+    assert res.capacity == pytest.approx(3.1, abs=1e-6)
+    assert calls[:4] == [1.0, 1.5, 2.25, 3.375]
+    assert interpolate((2.0, 0.0), (4.0, 2.0), 1.0) == 3.0
+
+
+def test_capacity_zero_when_nothing_passes():
+    assert find_capacity(lambda rate: 50.0, start=1.0).capacity == 0.0
+
+
+def test_decode_estimate_is_mean_plus_two_sigma_after_history():
+    est = DecodeLengthEstimator(prior=128, sigmas=2.0, min_samples=4)
+    assert est.estimate("chat") == 128
+    for n in (10, 20, 30, 40):
+        est.observe("chat", n)
+    assert est.estimate("chat") == pytest.approx(25 + 2 * np.std([10, 20, 30, 40], ddof=1))
+    assert est.estimate("other") == 128
