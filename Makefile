@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# PASSIVE: torch's OpenMP threads must not spin while other processes share the 2 cores.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -35,3 +36,8 @@ bench: bench-sim
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# Engine benchmark (issue 3): 64 x (128 -> 128) at full batching, and single-stream decode.
+bench-engine: $(STAMP)
+	mkdir -p results
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_engine.py --json results/bench_engine.json

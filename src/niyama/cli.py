@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_args(p)
     p.add_argument("--report", type=Path, default=None, help="also write a Markdown report here")
     p.set_defaults(func=cmd_experiment)
+
+    from niyama.engine.commands import register as register_engine
+
+    register_engine(sub)
     return parser
 
 

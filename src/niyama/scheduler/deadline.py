@@ -4,8 +4,9 @@
    fits in the smallest decode slack, instead of a fixed chunk.
 2. Hybrid prioritization: prompt priority = deadline + α × remaining work (α = 0 is EDF).
 3. Eager relegation: walking the queue in priority order with the estimated prefill rate, a request
-   that would finish its prefill after its deadline is relegated; to make room, less important
-   requests ahead of it are relegated first (sheddable before standard before critical).
+   that would finish its prefill after its deadline makes room by relegation: less important requests
+   ahead of it go first (sheddable, then standard), then the largest of its own level (itself
+   included). Relegated requests are served only with budget nobody else can use.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class DeadlineScheduler(Scheduler):
         # Time of one typical iteration, used to turn an estimated decode length into seconds.
         self.iteration_time = predictor.predict(config.chunk_size, 0) if predictor else 0.05
         # (prefill tokens, prefill deadline) of each waiting request, fixed while it waits: the
-        # relegation walk visits the whole queue every iteration, so it must be cheap.
+        # relegation walk visits the whole queue, so it must not recompute these.
         self._plan: dict[Request, tuple[int, float]] = {}
         self._rate = 1.0  # estimated prefill tokens/s, refreshed every iteration
         self._next_walk = float("-inf")

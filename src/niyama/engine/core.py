@@ -1,0 +1,138 @@
+"""The live engine core: one scheduler, one model runner, one iteration per ``step()``.
+
+This is the live half of the one-scheduler-two-clocks rule: the same pure scheduler the simulator
+drives is driven here with ``time.monotonic()`` as ``now`` and the real model as the executor. Each
+step schedules a batch, executes it, advances the requests, applies stop strings, and reports the new
+text of every request that produced a token. ``EngineCore`` is not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from niyama.engine.model_runner import ModelRunner
+from niyama.engine.sampler import SamplingParams
+from niyama.engine.tokenizer import Tokenizer
+from niyama.memory import KVBlockManager
+from niyama.predictor import BatchTimePredictor
+from niyama.request import FinishReason, Request
+from niyama.scheduler import SchedulerConfig, make_scheduler
+from niyama.scheduler.base import Scheduler
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one request produced in one iteration."""
+
+    request: Request
+    text: str  # new text since the last output (held back while it may be a stop-string prefix)
+    num_new_tokens: int
+    finished: bool
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """Shape and duration of the last executed iteration (for metrics)."""
+
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class _Detokenizer:
+    """Incremental text of one request, with stop strings applied."""
+
+    params: SamplingParams
+    text: str = ""
+    sent: int = 0  # characters already reported
+
+    def update(self, tokenizer: Tokenizer, request: Request) -> bool:
+        """Re-decode the output; True when a stop string was found (the text is cut before it)."""
+        self.text = tokenizer.decode(request.output_token_ids)
+        cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            return True
+        return False
+
+    def delta(self, finished: bool) -> str:
+        """Text not reported yet; unfinished requests hold back a possible stop-string prefix and a
+        partial UTF-8 character."""
+        end = len(self.text)
+        if not finished:
+            end -= max((len(s) for s in self.params.stop), default=1) - 1
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: str = "niyama",
+                 config: SchedulerConfig | None = None, predictor: BatchTimePredictor | None = None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.kv = KVBlockManager(runner.num_blocks, runner.block_size)
+        self.scheduler: Scheduler = make_scheduler(scheduler, config or SchedulerConfig(), self.kv, predictor)
+        self.eos_token_ids = tokenizer.eos_token_ids | set(runner.config.eos_token_ids)
+        self.last_iteration: IterationStats | None = None
+        self._detok: dict[str, _Detokenizer] = {}
+        self._params: dict[str, SamplingParams] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + output) one request may hold."""
+        return min(self.runner.config.max_position_embeddings, self.kv.capacity_tokens)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def add(self, request: Request, params: SamplingParams) -> None:
+        """Queue a request; its stop tokens are set from ``params`` (and EOS unless ``ignore_eos``)."""
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        request.stop_token_ids = frozenset(params.stop_token_ids) | eos
+        self.scheduler.add(request)
+        self._params[request.request_id] = params
+        self._detok[request.request_id] = _Detokenizer(params)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        request = self.scheduler.abort(request_id, time.monotonic())
+        if request is not None:
+            self._forget(request_id)
+        return request
+
+    def step(self) -> list[StepOutput]:
+        """Run one iteration: schedule → execute → update → stop strings → release finished."""
+        start = time.monotonic()
+        batch = self.scheduler.schedule(start)
+        if not batch:
+            self.last_iteration = None
+            return []
+        sampled = self.runner.execute(batch.chunks, self._params)
+        now = time.monotonic()
+        self.last_iteration = IterationStats(batch.num_prefill_tokens, len(batch.decodes), now - start)
+        finished = {r.request_id for r in self.scheduler.update(batch, now, sampled)}
+        outputs = []
+        for request, _ in batch.chunks:
+            rid = request.request_id
+            if rid not in sampled or rid not in self._detok:
+                continue
+            detok = self._detok[rid]
+            if detok.update(self.tokenizer, request) and rid not in finished:
+                self.scheduler.finish(request, now, FinishReason.STOP)
+                finished.add(rid)
+            done = rid in finished
+            outputs.append(StepOutput(request, detok.delta(done), 1, done))
+            if done:
+                self._forget(rid)
+        return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self._params.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        self.runner.release(request_id)

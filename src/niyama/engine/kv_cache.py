@@ -1,0 +1,41 @@
+"""Paged KV cache: fixed-size blocks addressed through each request's block table.
+
+Token ``i`` of a request lives in block ``request.block_ids[i // block_size]`` at offset
+``i % block_size`` (the ids come from ``niyama.memory.KVBlockManager``). Per layer, keys and values are
+stored as ``[kv_heads, num_blocks, block_size, head_dim]``: gathering a request's blocks along dim 1
+yields ``[kv_heads, context, head_dim]`` directly, the layout attention wants.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from niyama.engine.config import ModelConfig
+
+
+def num_kv_blocks(config: ModelConfig, dtype: torch.dtype, memory_bytes: int, block_size: int = 16) -> int:
+    """How many KV blocks fit in ``memory_bytes``."""
+    return memory_bytes // (config.kv_bytes_per_token(dtype) * block_size)
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block; raise its memory budget")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, each ``[kv_heads, num_blocks, block_size, head_dim]``."""
+        return self.data[index, 0], self.data[index, 1]

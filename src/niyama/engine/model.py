@@ -1,0 +1,159 @@
+"""Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2) over a flattened mixed batch.
+
+Plain tensors rather than ``nn.Module``s keep the per-layer Python overhead low (decode steps of a
+135M model are dominated by it). q/k/v and gate/up projections are fused into one matmul each.
+Numerics follow Hugging Face transformers (RMSNorm in float32, rotate-half rotary embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
+from niyama.engine.config import ModelConfig, native_bf16
+from niyama.engine.kv_cache import KVCache
+
+
+def rope_inv_freq(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies with the config's scaling (none, linear or Llama 3)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_freqs is not None:  # GGUF stores Llama 3 scaling as per-frequency divisors
+        return inv_freq / rope_freqs.float()
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None:
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 (as transformers does); the result has the weight's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(weight.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[T, heads, head_dim]``; cos/sin ``[T, 1, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Linear:
+    """A projection weight ``[out, in]`` in the model dtype.
+
+    Where bf16 matmuls are only emulated (CPUs without AVX512-BF16/AMX, ~5x slower than float32), a
+    float32 copy of the bf16 weight serves batches above ``SMALL_BATCH`` rows: bf16 inputs times bf16
+    weights, accumulated in float32 and rounded to bf16 -- the same arithmetic as a native bf16 matmul,
+    at float32 speed. Small batches (decode) read the bf16 weight: half the memory traffic.
+    """
+
+    SMALL_BATCH = 4  # crossover on a 2-core AVX2 EPYC: bf16 compute ~30 GFLOP/s vs ~13 GB/s of weights
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, wide: bool):
+        self.weight, self.bias = weight, bias
+        self.weight32 = weight.float() if wide else None
+        self.bias32 = None if bias is None or not wide else bias.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight32 is None or x.shape[0] <= self.SMALL_BATCH:
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype).float(), self.weight32, self.bias32).to(self.weight.dtype)
+
+
+@dataclass(slots=True)
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Linear
+    mlp_norm: torch.Tensor
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.config = config
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            return state[name].to(device=device, dtype=dtype).contiguous()
+
+        wide = dtype == torch.bfloat16 and not native_bf16(torch.device(device))
+
+        self.embed = w("model.embed_tokens.weight")
+        # Logits are computed in float32 whatever the dtype: bf16 rounding (8 bits of mantissa) of logits
+        # creates ties and flips the top token at close calls.
+        head = state["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        self.lm_head = head.to(device=device, dtype=torch.float32).contiguous()
+        self.norm = state["model.norm.weight"].to(device=device, dtype=torch.float32)
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            bias = None
+            if config.attention_bias:
+                bias = torch.cat([w(f"{attn}{x}_proj.bias") for x in "qkv"])
+            self.layers.append(Layer(
+                attn_norm=w(p + "input_layernorm.weight"),
+                qkv=Linear(torch.cat([w(f"{attn}{x}_proj.weight") for x in "qkv"]), bias, wide),
+                o=Linear(w(attn + "o_proj.weight"), None, wide),
+                mlp_norm=w(p + "post_attention_layernorm.weight"),
+                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), None,
+                               wide),
+                down=Linear(w(p + "mlp.down_proj.weight"), None, wide),
+            ))
+        inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
+        positions = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = angles.cos().to(dtype)
+        self.sin = angles.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` (float32, before the final norm) for a flattened batch.
+
+        The residual stream stays in float32 whatever the dtype; matmuls run in the model dtype.
+        """
+        cfg = self.config
+        num_tokens = input_ids.shape[0]
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        h = F.embedding(input_ids, self.embed).float()
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
+            q, k, v = layer.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = kv_cache.layer(i)
+            write_kv(k_cache, v_cache, k, v, meta)
+            h = h + layer.o(paged_attention(q, k, v, k_cache, v_cache, meta))
+            x = rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for selected rows of ``forward``'s output."""
+        return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head)

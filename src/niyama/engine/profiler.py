@@ -1,0 +1,133 @@
+"""Profile the engine on a grid of batch shapes and fit the batch-time predictor (DESIGN.md §2).
+
+Each profiled batch is a random mix of decodes (with random context lengths) and prefill chunks
+(fresh prompts or continuations of partly prefilled ones). One batch is timed end to end through
+``ModelRunner.execute`` (input preparation, forward pass, sampling), as the live engine loop runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from niyama.engine.model_runner import ModelRunner
+from niyama.memory import KVBlockManager
+from niyama.predictor import BatchShape, BatchTimePredictor
+from niyama.qos import QoS
+from niyama.request import Request
+from niyama.scheduler.batch import Batch
+
+_QOS = QoS(name="profile", ttlt=3600.0)
+DECODE_COUNTS = (0, 1, 2, 4, 8, 16, 32, 64)
+CHUNK_SIZES = (8, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    shapes: list[BatchShape]
+    times: list[float]
+
+
+def random_batch(rng: random.Random, kv: KVBlockManager, vocab: int, max_tokens: int, max_context: int,
+                 ids: list[int]) -> Batch:
+    """A random mixed batch whose requests hold freshly allocated KV blocks (contents do not matter)."""
+
+    def request(context: int, new: int, decode: bool) -> Request:
+        """A request with ``context`` tokens already 'cached' and ``new`` to compute."""
+        ids[0] += 1
+        total = context + new
+        prompt = total - 1 if decode else total
+        r = Request(f"p{ids[0]}", 0.0, _QOS, prompt, 1 << 20, [rng.randrange(vocab) for _ in range(prompt)])
+        if decode:
+            r.output_token_ids.append(rng.randrange(vocab))
+        kv.allocate(r, total)  # blocks for positions [0, total)
+        r.num_computed_tokens = context
+        return r
+
+    batch = Batch()
+    max_tokens = int(2 ** rng.uniform(3, math.log2(max_tokens)))  # log-uniform: fill both predictor bins
+    num_decodes = min(rng.choice(DECODE_COUNTS), max_tokens)
+    max_context = max(min(max_context, kv.capacity_tokens // (num_decodes + 4) - 1), 2)  # all must fit
+    for _ in range(num_decodes):
+        batch.decodes.append(request(rng.randint(1, max_context - 1), 1, decode=True))
+    budget = max_tokens - len(batch.decodes)
+    for _ in range(rng.choice((0, 1, 1, 2, 3))):
+        sizes = [s for s in CHUNK_SIZES if s <= min(budget, max_context)]
+        if not sizes:
+            break
+        n = rng.choice(sizes)
+        prior = rng.choice((0, 0, rng.randint(1, max(max_context - n, 1))))
+        batch.prefills.append((request(prior, n, decode=False), n))
+        budget -= n
+    if not batch:
+        batch.prefills.append((request(0, CHUNK_SIZES[0], decode=False), CHUNK_SIZES[0]))
+    return batch
+
+
+def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, max_context: int = 2048,
+            repeats: int = 3, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> ProfileResult:
+    """Time ``num_batches`` random batches (median of ``repeats`` runs each)."""
+    rng = random.Random(seed)
+    vocab = runner.config.vocab_size
+    max_context = min(max_context, runner.config.max_position_embeddings)
+    ids = [0]
+    shapes, times = [], []
+    runner.execute(random_batch(rng, KVBlockManager(runner.num_blocks, runner.block_size), vocab, 64,
+                                256, ids).chunks)  # warm-up
+    for i in range(num_batches):
+        kv = KVBlockManager(runner.num_blocks, runner.block_size)
+        batch = random_batch(rng, kv, vocab, max_tokens, max_context, ids)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.execute(batch.chunks)
+            samples.append(time.perf_counter() - start)
+        shapes.append(batch.shape())
+        times.append(statistics.median(samples))
+        if progress:
+            progress(i + 1, num_batches)
+    return ProfileResult(shapes, times)
+
+
+def fit(result: ProfileResult, runner: ModelRunner, model_name: str, holdout: float = 0.25,
+        seed: int = 0) -> tuple[BatchTimePredictor, float]:
+    """Fit on a random train split; returns the predictor and its MAPE on the held-out rows."""
+    order = list(range(len(result.times)))
+    random.Random(seed).shuffle(order)
+    cut = max(int(len(order) * (1 - holdout)), 6)
+    train, test = order[:cut], order[cut:]
+    meta = {
+        "hardware": _hardware(runner.device),
+        "model": model_name,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "block_size": runner.block_size,
+        "kv_cache_tokens": runner.kv_cache.capacity_tokens,
+        "num_profile_batches": len(order),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    predictor = BatchTimePredictor.fit([result.shapes[i] for i in train], [result.times[i] for i in train],
+                                       meta=meta)
+    mape = predictor.mape([result.shapes[i] for i in test], [result.times[i] for i in test]) if test else 0.0
+    predictor.meta["heldout_mape"] = round(mape, 4)
+    return predictor, mape
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
