@@ -97,10 +97,10 @@ def test_chunk_budget_limits_the_batch(build):
 
 
 def test_relegation_drops_sheddable_before_standard_before_critical(build):
-    # Rate with an empty batch: 2552 tokens / (0.01 + 1e-4 × 2552) s ≈ 9,616 tok/s, so each
-    # 9,616-token prompt takes ~1 s and only 3 fit before the shared deadline (now + 3.5 s).
+    # Five prompts of one second each at the scheduler's prefill-rate estimate, all due in 3.5 s:
+    # only three fit, and the two sheddable ones make room although they came first.
     s = build("niyama", predictor=linear_predictor(0.01, 1e-4), hybrid_alpha=0.0)
-    prompt = 9616
+    prompt = int(s.prefill_rate)
     order = [("shed", "sheddable"), ("std-1", "standard"), ("crit", "critical"), ("std-2", "standard"),
              ("shed-2", "sheddable")]
     for i, (rid, imp) in enumerate(order):
@@ -108,7 +108,17 @@ def test_relegation_drops_sheddable_before_standard_before_critical(build):
     s.schedule(0.0)
     relegated = {r.request_id for r in s.relegated} | {r.request_id for r in s.running if r.relegated}
     assert relegated == {"shed", "shed-2"}
-    assert {r.request_id for r in s.running if not r.relegated} <= {"std-1", "crit", "std-2"}
+
+
+def test_relegation_sheds_the_largest_request_of_a_level(build):
+    # Same deadline for all; one big prompt (2 s) and three small ones (0.5 s) with 2.2 s to go:
+    # dropping the big one saves three, dropping small ones would not be enough.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), hybrid_alpha=0.0)
+    rate = s.prefill_rate
+    for i, (rid, seconds) in enumerate([("small-1", 0.5), ("big", 2.0), ("small-2", 0.5), ("small-3", 0.5)]):
+        s.add(make_request(int(rate * seconds), arrival=-3.8 + i * 1e-3, rid=rid))
+    s.schedule(0.0)
+    assert [r.request_id for r in s.relegated] == ["big"]
 
 
 def test_hopeless_request_is_relegated_but_still_completes(build):

@@ -20,6 +20,7 @@ from niyama.predictor import BatchTimePredictor
 from niyama.qos import Importance
 from niyama.request import FinishReason, Request
 from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
+from niyama.scheduler.batch import Batch
 
 
 class DeadlineScheduler(Scheduler):
@@ -34,7 +35,10 @@ class DeadlineScheduler(Scheduler):
         # (prefill tokens, prefill deadline) of each waiting request, fixed while it waits: the
         # relegation walk visits the whole queue, so it must not recompute these.
         self._plan: dict[Request, tuple[int, float]] = {}
-        self._rate = 1.0  # estimated prefill tokens/s, refreshed every iteration
+        # Estimated prefill throughput (tokens/s): a moving average over iterations that had more
+        # prefill work than budget, priced by the predictor (so it stays pure and deterministic).
+        self.prefill_rate = config.chunk_size / predictor.predict(config.chunk_size, 0) if predictor else 1.0
+        self._budget = config.chunk_size
         self._next_walk = float("-inf")
 
     # -- ordering ------------------------------------------------------------------------------
@@ -82,6 +86,10 @@ class DeadlineScheduler(Scheduler):
         return (request.deadline - now) / self.decode_estimate(request)
 
     def token_budget(self, decodes: list[Request], now: float) -> int:
+        self._budget = self._token_budget(decodes, now)
+        return self._budget
+
+    def _token_budget(self, decodes: list[Request], now: float) -> int:
         cfg = self.config
         if not cfg.dynamic_chunking:
             return cfg.chunk_size
@@ -102,11 +110,14 @@ class DeadlineScheduler(Scheduler):
         return best
 
     # -- eager relegation ----------------------------------------------------------------------
-    def _prefill_rate(self, decodes: list[Request], budget: int) -> float:
-        """Estimated prefill tokens/s at this iteration's budget next to the running decodes."""
-        budget = budget or self.config.chunk_size
-        decode_ctx = sum(r.num_computed_tokens for r in decodes)
-        return budget / self.predictor.predict(budget, len(decodes), decode_ctx, budget)  # type: ignore[union-attr]
+    RATE_SMOOTHING = 0.05  # weight of the newest iteration in the prefill-rate average
+
+    def schedule(self, now: float) -> Batch:
+        batch = super().schedule(now)
+        if self.config.relegation and batch.prefills and batch.num_tokens >= self._budget:
+            sample = batch.num_prefill_tokens / self.predictor.predict_shape(batch.shape())  # type: ignore[union-attr]
+            self.prefill_rate += self.RATE_SMOOTHING * (sample - self.prefill_rate)
+        return batch
 
     def relegate(self, candidates: Iterable[Request], decodes: list[Request], budget: int,
                  now: float) -> Iterable[Request]:
@@ -119,14 +130,11 @@ class DeadlineScheduler(Scheduler):
         runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
         request that could not make its deadline even if served right now.
         """
-        if not self.config.relegation:
-            return candidates
-        self._rate = self._prefill_rate(decodes, budget)
-        if now < self._next_walk:
+        if not self.config.relegation or now < self._next_walk:
             return candidates
         self._next_walk = now + self.config.relegation_period
         candidates = list(candidates)  # the walk relegates as it goes: no live view of the queue
-        inv_rate = 1.0 / self._rate
+        inv_rate = 1.0 / self.prefill_rate
         t = now
         # Per importance level, the requests kept so far: a plain list until the first miss, then a
         # max-heap by prefill time (most walks find no miss, and appends are cheaper than pushes).
@@ -170,7 +178,7 @@ class DeadlineScheduler(Scheduler):
         if not self.config.relegation:
             return True
         work, deadline = self._plan.get(request) or (request.prefill_remaining, self.prefill_deadline(request))
-        return now + work / self._rate <= deadline
+        return now + work / self.prefill_rate <= deadline
 
 
 class EDFScheduler(DeadlineScheduler):

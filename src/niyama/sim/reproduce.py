@@ -20,9 +20,9 @@ from niyama.sim import plots
 from niyama.sim.capacity import CapacityResult
 
 CAPACITY_TRACES = ("azure_code", "azure_conv")
-CAPACITY_VARIANTS = ("fcfs", "edf", "srpf", "niyama")
+CAPACITY_VARIANTS = ("fcfs", "edf", "niyama")
 OVERLOAD_VARIANTS = ("fcfs", "edf", "niyama")
-OVERLOAD_LOADS = (1.0, 1.25, 1.5, 1.75, 2.0)
+OVERLOAD_LOADS = (1.0, 1.5, 2.0)
 # The paper's transient load alternates 2 ↔ 5 QPS on a system whose Niyama capacity is ~4.1 QPS
 # (Azure Code, Llama-3-8B, A100). We keep the same ratio to this profile's measured capacity.
 TRANSIENT_LOW, TRANSIENT_HIGH, PAPER_CAPACITY = 2.0, 5.0, 4.1
