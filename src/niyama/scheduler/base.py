@@ -191,12 +191,16 @@ class Scheduler:
             for _, _, w in waiting:
                 yield w
 
-    def _relegate(self, request: Request) -> None:
-        """Move a request to the relegated queue (it keeps any KV it holds while running)."""
-        request.relegated = True
-        if request.status is not RequestStatus.RUNNING:
-            self.waiting.remove(next(w for w in self.waiting if w[2] is request))
-            self._enqueue(request)
+    def _relegate(self, requests: list[Request]) -> None:
+        """Move requests to the relegated queue (running ones keep their KV and stay where they are)."""
+        if not requests:
+            return
+        for r in requests:
+            r.relegated = True
+        self.waiting = [w for w in self.waiting if not w[2].relegated]
+        for r in requests:
+            if r.status is not RequestStatus.RUNNING:
+                self._enqueue(r)
 
     def _victim_key(self, request: Request) -> tuple[bool, int, float]:
         """Largest = preempted first: relegated, then least important, then latest arrival."""
@@ -241,8 +245,7 @@ class Scheduler:
                 num_running += 1
             batch.prefills.append((r, n))
             budget -= n
-        for r in hopeless:
-            self._relegate(r)
+        self._relegate(hopeless)
         for r in started:
             self._start(r, now)
         return budget

@@ -140,12 +140,13 @@ class DeadlineScheduler(Scheduler):
         # max-heap by prefill time (most walks find no miss, and appends are cheaper than pushes).
         ahead: dict[Importance, list[tuple[float, int, Request]]] = {i: [] for i in Importance}
         heaps = False
+        demoted: list[Request] = []
         plan = self._plan
         for i, r in enumerate(candidates):
             work, deadline = plan.get(r) or (r.prefill_remaining, self.prefill_deadline(r))
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
-                self._relegate(r)
+                demoted.append(r)
                 continue
             t += dt
             if heaps:
@@ -157,20 +158,21 @@ class DeadlineScheduler(Scheduler):
                     for level in ahead.values():
                         heapq.heapify(level)
                     heaps = True
-                t = self._make_room(t, deadline, r.qos.importance, ahead)
+                t = self._make_room(t, deadline, r.qos.importance, ahead, demoted)
+        self._relegate(demoted)
         return [r for r in candidates if not r.relegated]
 
     def _make_room(self, t: float, deadline: float, importance: Importance,
-                   ahead: dict[Importance, list[tuple[float, int, Request]]]) -> float:
-        """Relegate kept requests, least important level first and the largest first within a level,
-        until ``t`` meets ``deadline``; returns the new finish time."""
+                   ahead: dict[Importance, list[tuple[float, int, Request]]], demoted: list[Request]) -> float:
+        """Pick kept requests to relegate (into ``demoted``), least important level first and the largest
+        first within a level, until ``t`` meets ``deadline``; returns the new finish time."""
         for level in sorted(Importance, reverse=True):
             if level < importance:
                 break
             heap = ahead[level]
             while heap and t > deadline:
                 neg_dt, _, victim = heapq.heappop(heap)
-                self._relegate(victim)
+                demoted.append(victim)
                 t += neg_dt
         return t
 
