@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint simulate bench bench-sim bench-engine clean
+.PHONY: install test lint simulate bench bench-sim bench-engine sim-results clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ simulate: $(STAMP)
 bench-sim: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
 
+# Regenerates docs/results-simulation.md with its plots and raw JSON (about an hour on 2 cores).
+sim-results: $(STAMP)
+	$(BIN)/niyama experiment all --output-dir docs --report docs/results-simulation.md
+
 bench: bench-sim
 
 clean:
@@ -41,3 +45,8 @@ clean:
 bench-engine: $(STAMP)
 	mkdir -p results
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_engine.py --json results/bench_engine.json
+
+# The OpenAI-compatible server (issue 4) on the default model at http://127.0.0.1:8000.
+.PHONY: serve
+serve: $(STAMP)
+	$(BIN)/niyama serve --qos-config configs/cpu-smollm2.toml

@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     from niyama.engine.commands import register as register_engine
+    from niyama.server.commands import register as register_server
 
     register_engine(sub)
+    register_server(sub)
     return parser
 
 

@@ -23,11 +23,10 @@ from niyama.scheduler.base import Scheduler
 
 @dataclass(slots=True)
 class StepOutput:
-    """What one request produced in one iteration."""
+    """What one request produced in one iteration (one new token)."""
 
     request: Request
     text: str  # new text since the last output (held back while it may be a stop-string prefix)
-    num_new_tokens: int
     finished: bool
 
 
@@ -127,7 +126,7 @@ class EngineCore:
                 self.scheduler.finish(request, now, FinishReason.STOP)
                 finished.add(rid)
             done = rid in finished
-            outputs.append(StepOutput(request, detok.delta(done), 1, done))
+            outputs.append(StepOutput(request, detok.delta(done), done))
             if done:
                 self._forget(rid)
         return outputs

@@ -105,7 +105,7 @@ def fit(result: ProfileResult, runner: ModelRunner, model_name: str, holdout: fl
     cut = max(int(len(order) * (1 - holdout)), 6)
     train, test = order[:cut], order[cut:]
     meta = {
-        "hardware": _hardware(runner.device),
+        "hardware": hardware_name(runner.device),
         "model": model_name,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
@@ -121,7 +121,7 @@ def fit(result: ProfileResult, runner: ModelRunner, model_name: str, holdout: fl
     return predictor, mape
 
 
-def _hardware(device: torch.device) -> str:
+def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server with per-request QoS, on the live engine loop."""

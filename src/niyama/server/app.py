@@ -1,0 +1,239 @@
+"""FastAPI routes: OpenAI's chat and text completions (streaming or not), models, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from niyama.engine.core import StepOutput
+from niyama.engine.sampler import SamplingParams
+from niyama.engine.tokenizer import Tokenizer
+from niyama.qos import QoSError
+from niyama.request import Request as EngineRequest
+from niyama.server.async_engine import AsyncEngine, QueueFull
+from niyama.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from niyama.server.qos_mapping import QoSPolicy
+
+QOS_HEADER = "X-Niyama-QoS"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type_, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    policy: QoSPolicy
+    model_name: str
+    max_model_len: int
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="Niyama", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM server with per-request QoS (TTFT/TBT/TTLT deadlines).")
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                            "owned_by": "niyama", "max_model_len": state.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest,
+                               x_niyama_qos: str | None = Header(default=None)) -> Response:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        body.max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _complete(state, body, state.tokenizer.chat(messages), x_niyama_qos, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, x_niyama_qos: str | None = Header(default=None)) -> Response:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", "prompt")
+            prompt = prompt[0]
+        ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await _complete(state, body, ids, x_niyama_qos, chat=False)
+
+    return app
+
+
+def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """Sampling parameters, each checked so that the error names its field."""
+    if body.n != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    if not 0 <= body.temperature <= 2:
+        raise APIError(400, f"temperature must be in [0, 2], got {body.temperature}", "temperature")
+    if not 0 < body.top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", "top_p")
+    if body.top_k < 0:
+        raise APIError(400, f"top_k must be >= 0, got {body.top_k}", "top_k")
+    if num_prompt_tokens < 1:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if num_prompt_tokens >= max_model_len:
+        raise APIError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is "
+                       f"{max_model_len}", "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                       "context_length_exceeded")
+    max_tokens = body.max_tokens if body.max_tokens is not None else max_model_len - num_prompt_tokens
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError(400, f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds this "
+                       f"model's context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                          seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos)
+
+
+async def _complete(state: ServerState, body: SamplingRequest, prompt_ids: list[int], header: str | None,
+                    chat: bool) -> Response:
+    if body.model != state.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist (served: {state.model_name!r})", "model",
+                       "model_not_found")
+    params = _sampling_params(body, len(prompt_ids), state.max_model_len)
+    try:
+        qos = state.policy.resolve(body.qos, header, body.service_tier)
+    except QoSError as e:
+        raise APIError(400, str(e), e.field, "invalid_qos") from None
+    prefix = "chatcmpl" if chat else "cmpl"
+    request = EngineRequest(f"{prefix}-{uuid.uuid4().hex}", time.monotonic(), qos, len(prompt_ids),
+                            params.max_tokens, prompt_ids, priority=body.priority)
+    try:
+        outputs = state.engine.submit(request, params)
+    except QueueFull:
+        raise APIError(429, "the server's request queue is full; retry later", None, "queue_full",
+                       "rate_limit_error", {"Retry-After": "1"}) from None
+    head = {"id": request.request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": state.model_name,
+            "service_tier": state.policy.tier_of(qos, body.service_tier)}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(head, outputs, chat, include_usage), media_type="text/event-stream")
+    text, last = [], None
+    try:
+        async for out in outputs:
+            text.append(out.text)
+            last = out
+    except (ValueError, RuntimeError) as e:
+        raise _engine_error(e) from None
+    assert last is not None
+    r = last.request
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
+                  "finish_reason": _finish_reason(r)}
+    else:
+        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": _finish_reason(r)}
+    return JSONResponse({**head, "choices": [choice], "usage": _usage(r), "niyama": niyama_info(r)})
+
+
+async def _stream(head: dict[str, Any], outputs: AsyncIterator[StepOutput], chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new piece of text, the finish reason and ``niyama`` on the
+    last, then usage (when asked) and ``[DONE]``."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    def choice(text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if not chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    if chat:
+        yield event([choice("", None, role=True)])
+    try:
+        async for out in outputs:
+            if out.finished:
+                r = out.request
+                yield event([choice(out.text, _finish_reason(r))], niyama=niyama_info(r))
+                if include_usage:
+                    yield event([], usage=_usage(r))
+            elif out.text:
+                yield event([choice(out.text, None)])
+    except (ValueError, RuntimeError) as e:
+        yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _engine_error(e: Exception) -> APIError:
+    """The engine refused the request (ValueError: 400) or failed while running it (500)."""
+    if isinstance(e, ValueError):
+        return APIError(400, str(e))
+    return APIError(500, str(e), type_="server_error")
+
+
+def _finish_reason(r: EngineRequest) -> str:
+    return r.finish_reason.value if r.finish_reason else "stop"
+
+
+def _usage(r: EngineRequest) -> dict[str, int]:
+    return {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": r.num_output_tokens,
+            "total_tokens": r.num_prompt_tokens + r.num_output_tokens}
+
+
+def niyama_info(r: EngineRequest) -> dict[str, Any]:
+    """The ``niyama`` object of a finished request: its class and how it fared against its SLO."""
+    return {
+        "class": r.qos.name,
+        "qos": {"ttft": r.qos.ttft, "tbt": r.qos.tbt, "ttlt": r.qos.ttlt, "importance": r.qos.importance.name.lower()},
+        "ttft": r.ttft,
+        "max_token_lateness": r.max_lateness if math.isfinite(r.max_lateness) else None,
+        "slo_met": r.slo_met,
+        "tbt_met": r.tbt_met,
+        "relegated": r.relegated,
+        "queue_time": r.queue_time,
+        "num_preemptions": r.num_preemptions,
+    }
+

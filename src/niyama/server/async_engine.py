@@ -1,0 +1,163 @@
+"""The engine loop thread and its bridge to asyncio.
+
+One thread owns the ``EngineCore`` and runs iterations back to back while there is work; it sleeps on a
+condition variable when idle (no busy-waiting). HTTP handlers never touch the core: they post new
+requests and aborts to the loop, and receive their outputs through a per-request ``asyncio.Queue`` fed
+with ``loop.call_soon_threadsafe`` once per iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from niyama.engine.core import EngineCore, StepOutput
+from niyama.engine.sampler import SamplingParams
+from niyama.request import Request
+from niyama.server.metrics import Metrics
+
+log = logging.getLogger("niyama.server")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queued_requests``."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, metrics: Metrics, max_queued_requests: int):
+        self.core = core
+        self.metrics = metrics
+        self.max_queued_requests = max_queued_requests
+        self._cond = threading.Condition()
+        self._new: list[tuple[Request, SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self._last_token_time: dict[str, float] = {}
+        self._num_queued = 0  # waiting + relegated (+ taken from _new since the last recount)
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle (event-loop side) -----------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="niyama-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- requests (event-loop side) ------------------------------------------------------------
+    def submit(self, request: Request, params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Queue a request (``QueueFull`` when the queue is at its limit) and return its outputs."""
+        queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        with self._cond:
+            if self._num_queued + len(self._new) >= self.max_queued_requests:
+                raise QueueFull
+            self._streams[request.request_id] = queue
+            self._new.append((request, params))
+            self._cond.notify()
+        return self._outputs(request.request_id, queue)
+
+    async def _outputs(self, rid: str, queue: asyncio.Queue[StepOutput | BaseException]
+                       ) -> AsyncIterator[StepOutput]:
+        """Yield until the request finishes. Leaving early (client gone, task cancelled) aborts it; the
+        loop frees its KV blocks before its next iteration."""
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                with self._cond:
+                    self._aborts.append(rid)
+                    self._cond.notify()
+
+    # -- the loop (engine thread) --------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._new or self._aborts or self.core.has_work()):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                new, self._new = self._new, []
+                self._num_queued += len(new)  # counted as queued until the iteration's end recounts
+                aborts, self._aborts = self._aborts, []
+            try:
+                self._iterate(new, aborts)
+            except Exception as e:  # a bug must not leave clients hanging: fail every open stream
+                log.exception("engine iteration failed")
+                self._fail_all(e)
+
+    def _iterate(self, new: list[tuple[Request, SamplingParams]], aborts: list[str]) -> None:
+        core = self.core
+        for rid in aborts:
+            request = core.abort(rid)
+            if request is not None:
+                self.metrics.observe_finished(request)
+            self._drop(rid)
+        for request, params in new:
+            if request.request_id not in self._streams:
+                continue  # the client left before the request reached the loop
+            try:
+                core.add(request, params)
+            except ValueError as e:
+                self._deliver([(request.request_id, e)])
+                self._drop(request.request_id)
+        outputs = []
+        if core.has_work():
+            outputs = core.step()
+            if core.last_iteration is not None:
+                self.metrics.observe_iteration(core.last_iteration)
+        for out in outputs:
+            r = out.request
+            self.metrics.observe_token(r, self._last_token_time.get(r.request_id))
+            if out.finished:
+                self.metrics.observe_finished(r)
+                self._last_token_time.pop(r.request_id, None)
+            elif r.last_token_time is not None:
+                self._last_token_time[r.request_id] = r.last_token_time
+        s = core.scheduler
+        self._num_queued = s.num_waiting + s.num_relegated
+        self.metrics.observe_state(s.num_running, s.num_waiting, s.num_relegated, core.kv.usage, s.num_preemptions)
+        self._deliver([(out.request.request_id, out) for out in outputs])
+        for out in outputs:
+            if out.finished:
+                self._drop(out.request.request_id)
+
+    def _deliver(self, items: list[tuple[str, StepOutput | BaseException]]) -> None:
+        """Hand outputs to their streams with one call into the event loop."""
+        routed = [(q, item) for rid, item in items if (q := self._streams.get(rid)) is not None]
+        if routed and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, routed)
+
+    def _drop(self, rid: str) -> None:
+        with self._cond:
+            self._streams.pop(rid, None)
+        self._last_token_time.pop(rid, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            rids = list(self._streams)
+        for rid in rids:
+            self.core.abort(rid)
+        self._deliver([(rid, RuntimeError(f"engine failure: {error}")) for rid in rids])
+        for rid in rids:
+            self._drop(rid)
+
+
+def _put_all(routed: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
+    for queue, item in routed:
+        queue.put_nowait(item)

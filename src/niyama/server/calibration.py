@@ -1,0 +1,50 @@
+"""The batch-time predictor for this machine and model: loaded from a file, from the cache, or calibrated.
+
+Calibration profiles the real engine on a few random mixed batches (``niyama.engine.profiler``) and
+fits the predictor; the result is cached under ``$NIYAMA_CACHE_DIR`` (default ``~/.cache/niyama``) keyed
+by model, hardware, dtype, thread count and batch-size limit, so it runs once per machine and model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from niyama.engine.model_runner import ModelRunner
+from niyama.engine.profiler import fit, hardware_name, profile
+from niyama.predictor import BatchTimePredictor
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NIYAMA_CACHE_DIR") or Path.home() / ".cache" / "niyama")
+
+
+def cache_path(runner: ModelRunner, model_name: str, max_tokens: int) -> Path:
+    key = f"{model_name}-{hardware_name(runner.device)}-{runner.dtype}-t{torch.get_num_threads()}-b{max_tokens}"
+    return cache_dir() / "profiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-") + ".json")
+
+
+def load_or_calibrate(runner: ModelRunner, model_name: str, profile_path: str | None, max_tokens: int,
+                      num_batches: int) -> BatchTimePredictor:
+    """The predictor from ``profile_path``; else the cached one; else calibrate now and cache it."""
+    if profile_path:
+        return BatchTimePredictor.load(profile_path)
+    path = cache_path(runner, model_name, max_tokens)
+    if path.is_file():
+        print(f"niyama: batch-time profile {path}", file=sys.stderr)
+        return BatchTimePredictor.load(path)
+    print(f"niyama: no batch-time profile for this machine and model; calibrating ({num_batches} batches)",
+          file=sys.stderr)
+    with tqdm(total=num_batches, desc="calibrating", unit="batch", file=sys.stderr) as bar:
+        result = profile(runner, num_batches, max_tokens, max_context=2 * max_tokens, repeats=1,
+                         progress=lambda done, _: bar.update(done - bar.n))
+    predictor, mape = fit(result, runner, model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predictor.save(path)
+    print(f"niyama: calibrated (held-out error {mape:.1%}); cached in {path}", file=sys.stderr)
+    return predictor

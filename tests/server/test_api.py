@@ -1,0 +1,191 @@
+"""The OpenAI-compatible API on a real server process, through the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.server.conftest import serve
+
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+def niyama(obj) -> dict:
+    return obj.model_extra["niyama"]
+
+
+def test_health_models_openapi(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [server.model]
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(paths)
+
+
+def test_chat(server):
+    r = server.client().chat.completions.create(model=server.model, messages=HI, max_tokens=8, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    info = niyama(r)
+    assert info["class"] == "interactive" and info["slo_met"] in (True, False)
+    assert info["ttft"] > 0 and info["queue_time"] >= 0 and info["relegated"] is False
+
+
+def test_chat_stream_matches_non_stream(server):
+    client = server.client()
+    full = client.chat.completions.create(model=server.model, messages=HI, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=server.model, messages=HI, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == full.choices[0].finish_reason
+    assert niyama(last)["class"] == "interactive"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions(server):
+    client = server.client()
+    r = client.completions.create(model=server.model, prompt="The capital of France is", max_tokens=5,
+                                  temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=server.model, prompt="The capital of France is", max_tokens=5,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert niyama(chunks[-1])["slo_met"] is not None
+
+
+def test_stop_string(server):
+    client = server.client()
+    args = {"model": server.model, "prompt": "1, 2, 3, 4,", "max_tokens": 20, "temperature": 0, "stop": [", 7"]}
+    r = client.completions.create(**args)
+    assert ", 7" not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True))
+    assert streamed == r.choices[0].text  # a stop-string prefix is held back, never streamed
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ({"extra_body": {"qos": "batch-10m"}}, "batch-10m"),
+    ({"extra_body": {"qos": {"class": "batch-30m", "ttlt": 99.0, "importance": "critical"}}}, "batch-30m"),
+    ({"extra_headers": {"X-Niyama-QoS": "batch-30m"}}, "batch-30m"),
+    ({"service_tier": "flex"}, "batch-10m"),
+    ({"service_tier": "priority"}, "interactive"),
+    ({"extra_body": {"priority": -3}}, "interactive"),
+])
+def test_qos_selection(server, how, expected):
+    r = server.client().chat.completions.create(model=server.model, messages=HI, max_tokens=2, **how)
+    info = niyama(r)
+    assert info["class"] == expected
+    if "service_tier" in how:
+        assert r.service_tier == how["service_tier"]
+    if "qos" in how.get("extra_body", {}) and isinstance(how["extra_body"]["qos"], dict):
+        assert info["qos"] == {"ttft": None, "tbt": None, "ttlt": 99.0, "importance": "critical"}
+
+
+def test_qos_object_overrides_interactive_fields(server):
+    r = server.client().chat.completions.create(model=server.model, messages=HI, max_tokens=2,
+                                                extra_body={"qos": {"ttft": 30, "tbt": 2}})
+    assert niyama(r)["qos"]["ttft"] == 30 and niyama(r)["qos"]["tbt"] == 2
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"extra_body": {"qos": "no-such-class"}}, "qos"),
+    ({"extra_body": {"qos": {"ttft": -1}}}, "qos.ttft"),
+    ({"extra_body": {"qos": {"importance": "vip"}}}, "qos.importance"),
+    ({"extra_body": {"qos": {"deadline": 3}}}, "qos.deadline"),
+    ({"extra_headers": {"X-Niyama-QoS": "nope"}}, "X-Niyama-QoS"),
+    ({"service_tier": "gold"}, "service_tier"),
+    ({"temperature": 3.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"n": 2}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+])
+def test_bad_requests(server, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=server.model, messages=HI, **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+    assert e.value.body["message"]
+
+
+def test_unknown_model(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(model="gpt-5", messages=HI)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_disconnect_frees_kv(server):
+    stream = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=4000,
+                                                stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert server.metric("niyama:kv_cache_usage_perc") > 0
+    stream.close()
+    deadline = time.monotonic() + 30
+    while server.metric("niyama:num_requests_running") or server.metric("niyama:kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the aborted request still holds KV blocks"
+        time.sleep(0.1)
+    aborted = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+               if line.startswith("niyama:request_success_total") and 'finished_reason="abort"' in line]
+    assert aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_64_concurrent_streams(server):
+    client = server.async_client(timeout=600)
+
+    async def one(i: int) -> tuple[str, str | None]:
+        stream = await client.completions.create(model=server.model, prompt=f"Count from {i}:", max_tokens=8,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for c in stream:
+            text += c.choices[0].text
+            finish = c.choices[0].finish_reason or finish
+        return text, finish
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64 and all(finish == "length" and text for text, finish in results)
+
+
+def test_queue_full_429_and_priority(cache_dir):
+    """One running slot, a queue of two: a third waiting request gets 429. Under the ``priority``
+    scheduler the queued request with the lower vLLM ``priority`` value runs first."""
+    with serve(cache_dir, "--scheduler", "priority", "--max-num-seqs", "1", "--max-queued-requests", "2") as s:
+        client = s.client(timeout=600)
+        running = client.completions.create(model=s.model, prompt="Hello", max_tokens=4000, stream=True,
+                                            extra_body={"ignore_eos": True})
+        next(iter(running))  # it holds the only running slot now
+        order: list[str] = []
+
+        def queued(name: str, priority: int) -> None:
+            client.completions.create(model=s.model, prompt="Hi", max_tokens=2, extra_body={"priority": priority})
+            order.append(name)
+
+        threads = []
+        for n, (name, priority) in enumerate((("low", 5), ("high", -1)), start=1):
+            threads.append(threading.Thread(target=queued, args=(name, priority)))
+            threads[-1].start()
+            deadline = time.monotonic() + 30
+            while s.metric("niyama:num_requests_waiting") < n:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=s.model, prompt="Hi", max_tokens=2)
+        assert e.value.status_code == 429 and e.value.response.headers["Retry-After"]
+        assert e.value.body["code"] == "queue_full"
+        running.close()  # frees the slot: the queued requests run, the higher priority first
+        for t in threads:
+            t.join()
+        assert order == ["high", "low"]

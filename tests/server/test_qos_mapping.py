@@ -1,0 +1,56 @@
+"""QoS selection rules (no server): precedence, overrides, service tiers and field-naming errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from niyama.qos import Importance, QoSError
+from niyama.server.qos_mapping import QoSPolicy
+from tests.server.conftest import QOS_CONFIG
+
+
+@pytest.fixture(scope="module")
+def policy() -> QoSPolicy:
+    return QoSPolicy.load(QOS_CONFIG)
+
+
+def test_default_and_precedence(policy):
+    assert policy.resolve(None, None, None).name == "interactive"
+    assert policy.resolve(None, None, "flex").name == "batch-10m"
+    assert policy.resolve(None, None, "auto").name == "interactive"
+    assert policy.resolve(None, "batch-30m", "flex").name == "batch-30m"
+    assert policy.resolve("batch-10m", "batch-30m", "priority").name == "batch-10m"
+
+
+def test_object_overrides_keep_class_name(policy):
+    q = policy.resolve({"class": "interactive", "ttft": 2.0, "importance": "critical"}, None, None)
+    assert (q.name, q.ttft, q.tbt, q.importance) == ("interactive", 2.0, 0.4, Importance.CRITICAL)
+    q = policy.resolve({"ttlt": 60}, "batch-30m", None)
+    assert (q.name, q.ttlt, q.interactive) == ("batch-30m", 60, False)
+
+
+@pytest.mark.parametrize(("qos", "header", "tier", "field"), [
+    ("nope", None, None, "qos"),
+    ({"class": "nope"}, None, None, "qos.class"),
+    ({"tbt": 0}, None, None, "qos.tbt"),
+    ({"importance": "vip"}, None, None, "qos.importance"),
+    (3, None, None, "qos"),
+    (None, "nope", None, "X-Niyama-QoS"),
+    (None, None, "gold", "service_tier"),
+])
+def test_errors_name_the_field(policy, qos, header, tier, field):
+    with pytest.raises(QoSError) as e:
+        policy.resolve(qos, header, tier)
+    assert e.value.field == field
+
+
+def test_tier_echo(policy):
+    assert policy.tier_of(policy.resolve(None, None, "flex"), "flex") == "flex"
+    assert policy.tier_of(policy.resolve("batch-10m", None, None), None) == "flex"
+    assert policy.tier_of(policy.resolve("batch-30m", None, None), None) == "default"
+
+
+def test_builtin_classes_map_tiers():
+    policy = QoSPolicy.load(None)
+    assert policy.resolve(None, None, "priority").name == "interactive"
+    assert policy.resolve(None, None, "flex").name == "batch-10m"
