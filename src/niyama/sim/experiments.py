@@ -141,9 +141,12 @@ def transient(setup: Setup, variants: Sequence[str], low: float, high: float, pe
     return dict(zip(variants, results, strict=True))
 
 
-def replicas_needed(setup: Setup, variant: str, rate: float, classes: tuple[str, ...] = (),
+def replicas_needed(setup: Setup, variant: str, rate: float, classes: tuple[str, ...] = (), start: int = 1,
                     max_replicas: int = 256) -> tuple[int, list[tuple[int, float]]]:
-    """Fewest round-robin replicas that keep every class at ≤ 1% violations at aggregate ``rate``."""
+    """Fewest round-robin replicas that keep every class at ≤ 1% violations at aggregate ``rate``.
+
+    The search starts from a guess (deeply overloaded probes are the slow ones to simulate), halves while
+    it passes, doubles while it fails, then bisects."""
     tried: list[tuple[int, float]] = []
 
     def passes(n: int) -> bool:
@@ -151,11 +154,17 @@ def replicas_needed(setup: Setup, variant: str, rate: float, classes: tuple[str,
         tried.append((n, v))
         return v <= 1.0
 
-    lo, hi = 0, 1  # lo fails (0 replicas always fails), hi is probed
-    while not passes(hi):
-        lo, hi = hi, hi * 2
-        if hi > max_replicas:
-            raise RuntimeError(f"{variant} needs more than {max_replicas} replicas")
+    lo, hi = 0, start  # lo fails (0 replicas always does), hi passes
+    if passes(start):
+        while hi > 1 and passes(hi // 2):
+            hi //= 2
+        lo = hi // 2
+    else:
+        lo, hi = start, start * 2
+        while not passes(hi):
+            lo, hi = hi, hi * 2
+            if hi > max_replicas:
+                raise RuntimeError(f"{variant} needs more than {max_replicas} replicas")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if passes(mid):
@@ -165,15 +174,15 @@ def replicas_needed(setup: Setup, variant: str, rate: float, classes: tuple[str,
     return hi, sorted(tried)
 
 
-def silos(setup: Setup, rate: float) -> dict[str, Any]:
+def silos(setup: Setup, rate: float, shared_guess: int = 1) -> dict[str, Any]:
     """Replicas for per-class pools (FCFS, chunk 256 for interactive and 2048 for batch) versus one
-    shared Niyama pool, at the same aggregate rate."""
+    shared Niyama pool, at the same aggregate rate; ``shared_guess`` starts the shared pool's search."""
     classes = QoSClasses.load(setup.qos_config)
-    jobs: dict[str, tuple[str, tuple[str, ...]]] = {"shared niyama": ("niyama", ())}
+    jobs: dict[str, tuple[str, tuple[str, ...], int]] = {"shared niyama": ("niyama", (), shared_guess)}
     for name, qos in classes.items():
-        jobs[f"silo {name}"] = ("fcfs-256" if qos.interactive else "fcfs-2048", (name,))
+        jobs[f"silo {name}"] = ("fcfs-256" if qos.interactive else "fcfs-2048", (name,), 1)
     with ProcessPoolExecutor(max(1, min(setup.workers, len(jobs)))) as pool:
-        futures = {k: pool.submit(replicas_needed, setup, v, rate, c) for k, (v, c) in jobs.items()}
+        futures = {k: pool.submit(replicas_needed, setup, v, rate, c, n) for k, (v, c, n) in jobs.items()}
         found = {k: f.result() for k, f in tqdm(futures.items(), desc=f"silos {setup.trace}", unit="pool")}
     siloed = sum(n for k, (n, _) in found.items() if k.startswith("silo"))
     shared = found["shared niyama"][0]

@@ -138,7 +138,7 @@ def run_transient(setup: ex.Setup, report: Report, capacity: float, period: floa
 
 def run_silos(setup: ex.Setup, report: Report, capacity: float) -> None:
     rate = round(capacity * SILO_REPLICAS_TARGET, 1)
-    res = ex.silos(setup, rate)
+    res = ex.silos(setup, rate, shared_guess=SILO_REPLICAS_TARGET)
     report.add("## Siloed vs shared", "",
                f"Replicas needed for {setup.trace} at {rate} req/s aggregate (round-robin within a pool): "
                "per-class silos (FCFS, chunk 256 for interactive, 2048 for batch) vs one shared Niyama pool.",
@@ -155,6 +155,18 @@ def run_silos(setup: ex.Setup, report: Report, capacity: float) -> None:
     report.save_json("sim-silos", res)
 
 
+def _known_capacity(setup: ex.Setup, output_dir: Path) -> float:
+    """Niyama's capacity on the setup's trace: from an earlier capacity run in ``output_dir`` if there is
+    one, else measured now."""
+    saved = output_dir / "sim-capacity.json"
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        if setup.trace in data and "niyama" in data[setup.trace]:
+            print(f"using Niyama's capacity from {saved}")
+            return float(data[setup.trace]["niyama"]["capacity"])
+    return ex.capacity(setup, "niyama").capacity
+
+
 def run(name: str, setup: ex.Setup, output_dir: Path, report: Path | None = None) -> None:
     out = Report(output_dir)
     out.add("# Simulation results", "",
@@ -169,10 +181,10 @@ def run(name: str, setup: ex.Setup, output_dir: Path, report: Path | None = None
     if name in ("ablation", "all"):
         run_ablation(setup, out, {k: v for k, v in caps.items() if k in ex.ABLATION})
     if name in ("overload", "transient", "silos", "all"):
-        niyama = caps.get("niyama") or ex.capacity(setup, "niyama")
+        capacity = caps["niyama"].capacity if "niyama" in caps else _known_capacity(setup, output_dir)
         for step, fn in (("overload", run_overload), ("transient", run_transient), ("silos", run_silos)):
             if name in (step, "all"):
-                fn(setup, out, niyama.capacity)
+                fn(setup, out, capacity)
     if out.checks:
         out.add("## Targets", "", *_table(["target", "result", "measured"],
                                           [[n, "PASS" if ok else "MISS", d] for n, ok, d in out.checks]))
