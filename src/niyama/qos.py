@@ -173,15 +173,19 @@ class QoSClasses(Mapping[str, QoS]):
     @classmethod
     def load(cls, path: str | Path | None = None) -> QoSClasses:
         """Load a TOML class file; ``None`` gives the built-in paper defaults."""
-        if path is None:
-            text = resources.files("niyama").joinpath("qos_classes.toml").read_text()
-        else:
-            try:
-                text = Path(path).read_text()
-            except OSError as e:
-                raise QoSError(f"cannot read QoS config {path}: {e.strerror}") from None
+        return cls.from_dict(read_config(path))
+
+
+def read_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The parsed TOML of a QoS config file (``None``: the built-in one), with readable errors."""
+    if path is None:
+        text = resources.files("niyama").joinpath("qos_classes.toml").read_text()
+    else:
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise QoSError(f"QoS config {path or 'built-in'} is not valid TOML: {e}") from None
-        return cls.from_dict(data)
+            text = Path(path).read_text()
+        except OSError as e:
+            raise QoSError(f"cannot read QoS config {path}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise QoSError(f"QoS config {path or 'built-in'} is not valid TOML: {e}") from None

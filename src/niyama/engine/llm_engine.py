@@ -16,6 +16,7 @@ from niyama.engine.core import EngineCore
 from niyama.engine.model_runner import ModelRunner
 from niyama.engine.sampler import SamplingParams
 from niyama.engine.tokenizer import Tokenizer
+from niyama.memory import KVBlockManager
 from niyama.qos import QoS
 from niyama.request import Request
 from niyama.scheduler import SchedulerConfig
@@ -50,7 +51,7 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @property
-    def kv(self):
+    def kv(self) -> KVBlockManager:
         return self.core.kv
 
     @property

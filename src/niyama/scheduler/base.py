@@ -73,8 +73,7 @@ class Scheduler:
         """Total tokens (decodes included) for this iteration."""
         return self.config.chunk_size
 
-    def relegate(self, candidates: Iterable[Request], decodes: list[Request], budget: int,
-                 now: float) -> Iterable[Request]:
+    def relegate(self, candidates: Iterable[Request], now: float) -> Iterable[Request]:
         """Return the candidates that stay in the normal queue (policies without relegation keep all)."""
         return candidates
 
@@ -160,7 +159,7 @@ class Scheduler:
         while True:
             budget = max(self.token_budget(batch.decodes, now) - len(batch.decodes), 0)
             partials = [r for r in self.running if not r.is_decoding and not r.relegated]
-            candidates = self.relegate(self._prefill_order(partials, now), batch.decodes, budget, now)
+            candidates = self.relegate(self._prefill_order(partials, now), now)
             budget = self._fill_prefills(batch, candidates, budget, now, admit)
             if budget > 0:
                 started = [r for r in self.running if r.relegated and not r.is_decoding]

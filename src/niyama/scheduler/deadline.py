@@ -37,7 +37,7 @@ class DeadlineScheduler(Scheduler):
         self._plan: dict[Request, tuple[int, float]] = {}
         # Estimated prefill throughput (tokens/s): a moving average over iterations that had more
         # prefill work than budget, priced by the predictor (so it stays pure and deterministic).
-        self.prefill_rate = config.chunk_size / predictor.predict(config.chunk_size, 0) if predictor else 1.0
+        self.prefill_rate = config.chunk_size / self.iteration_time
         self._budget = config.chunk_size
         self._next_walk = float("-inf")
 
@@ -119,8 +119,7 @@ class DeadlineScheduler(Scheduler):
             self.prefill_rate += self.RATE_SMOOTHING * (sample - self.prefill_rate)
         return batch
 
-    def relegate(self, candidates: Iterable[Request], decodes: list[Request], budget: int,
-                 now: float) -> Iterable[Request]:
+    def relegate(self, candidates: Iterable[Request], now: float) -> Iterable[Request]:
         """Walk the queue in priority order, accumulating estimated prefill time. When a request would
         miss its deadline, relegate until it fits: first less important requests ahead of it (sheddable,
         then standard), then among its own level, the one with the most remaining work (itself
@@ -133,7 +132,7 @@ class DeadlineScheduler(Scheduler):
         if not self.config.relegation or now < self._next_walk:
             return candidates
         self._next_walk = now + self.config.relegation_period
-        candidates = list(candidates)  # the walk relegates as it goes: no live view of the queue
+        candidates = list(candidates)  # walked twice: once to decide, once to drop the relegated
         inv_rate = 1.0 / self.prefill_rate
         t = now
         # Per importance level, the requests kept so far: a plain list until the first miss, then a

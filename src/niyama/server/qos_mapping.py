@@ -7,14 +7,12 @@ class (or inherits the one chosen by header/tier/default) and overrides any of i
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from niyama.qos import QoS, QoSClasses, QoSError
+from niyama.qos import QoS, QoSClasses, QoSError, read_config
 
 SERVICE_TIERS = ("auto", "default", "flex", "priority")
 DEFAULT_TIER_MAP = {"priority": "interactive", "flex": "batch-10m"}
@@ -28,11 +26,8 @@ class QoSPolicy:
     @classmethod
     def load(cls, path: str | Path | None = None) -> QoSPolicy:
         """Classes and the ``[service_tiers]`` table from one TOML file (None: the built-in classes)."""
-        classes = QoSClasses.load(path)
-        if path is None:
-            data = tomllib.loads(resources.files("niyama").joinpath("qos_classes.toml").read_text())
-        else:
-            data = tomllib.loads(Path(path).read_text())
+        data = read_config(path)
+        classes = QoSClasses.from_dict(data)
         known = set(classes)
         tiers = data.get("service_tiers", {k: v for k, v in DEFAULT_TIER_MAP.items() if v in known})
         for tier, name in tiers.items():
