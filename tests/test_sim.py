@@ -4,7 +4,7 @@ import pytest
 from niyama.qos import Importance, QoSClasses
 from niyama.scheduler.decode_estimator import DecodeLengthEstimator
 from niyama.sim.capacity import find_capacity, interpolate
-from niyama.sim.report import max_class_violation, summarize
+from niyama.sim.report import max_class_violation, request_row, summarize
 from niyama.sim.simulator import SimConfig, simulate
 from niyama.sim.workload import WorkloadSpec, build_workload, load_trace, piecewise_arrivals
 
@@ -53,7 +53,7 @@ def test_simulation_completes_every_request_deterministically():
     assert all(r.is_finished for r in a.requests)
     assert [r.num_output_tokens for r in a.requests] == [s.decode_tokens for s in specs]
     assert [r.finish_time for r in a.requests] == [r.finish_time for r in b.requests]
-    summary = summarize(a.requests, a.duration)
+    summary = summarize([request_row(r) for r in a.requests], a.duration)
     assert summary["overall"]["requests"] == 400 and max_class_violation(summary) == 0.0
 
 
@@ -66,7 +66,7 @@ def test_niyama_beats_fcfs_when_fcfs_is_overloaded():
 
 def _run(specs, scheduler):
     result = simulate(specs, CLASSES, SimConfig(scheduler))
-    return result.requests, result.duration
+    return [request_row(r) for r in result.requests], result.duration
 
 
 def test_capacity_search_brackets_bisects_and_interpolates():

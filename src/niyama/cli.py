@@ -7,43 +7,23 @@ import json
 import sys
 from pathlib import Path
 
+from niyama.argtypes import mix, positive
 from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
 from niyama.sim.workload import TRACE_FILES
 
 
-def _mix(text: str) -> dict[str, float]:
-    """``name=weight,name=weight`` → dict (a bare ``name`` means weight 1)."""
-    mix = {}
-    for part in filter(None, text.split(",")):
-        name, _, weight = part.partition("=")
-        try:
-            mix[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad weight in {part!r}") from None
-    if not mix:
-        raise argparse.ArgumentTypeError("empty mix")
-    return mix
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="azure_code",
                    help=f"trace name ({', '.join(TRACE_FILES)}) or a CSV path (default: azure_code)")
-    p.add_argument("--duration", type=_positive, default=3600.0,
+    p.add_argument("--duration", type=positive, default=3600.0,
                    help="seconds of arrivals per run; requests = rate × duration (default: 3600)")
-    p.add_argument("--class-mix", type=_mix, default=None,
+    p.add_argument("--class-mix", type=mix, default=None,
                    help="QoS class weights, e.g. interactive=1,batch-10m=1 (default: equal over classes)")
-    p.add_argument("--importance-mix", type=_mix, default={"standard": 1.0},
+    p.add_argument("--importance-mix", type=mix, default={"standard": 1.0},
                    help="importance weights, e.g. critical=0.4,standard=0.4,sheddable=0.2")
-    p.add_argument("--length-scale", type=_positive, default=1.0, help="multiply prompt and output lengths")
+    p.add_argument("--length-scale", type=positive, default=1.0, help="multiply prompt and output lengths")
     p.add_argument("--profile", default="a100-llama3-8b",
                    help=f"latency profile: built-in ({', '.join(builtin_profiles())}) or a JSON path")
     p.add_argument("--noise", type=float, default=0.05, help="std of multiplicative batch-time noise")
@@ -65,7 +45,7 @@ def _setup(args: argparse.Namespace):
                              dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
-                 qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
+                 qos_config=args.qos_config, classmix=args.classmix, importancemix=args.importancemix,
                  length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
 
 
@@ -73,7 +53,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from niyama.predictor import BatchTimePredictor
     from niyama.sim import plots
     from niyama.sim.experiments import variant_config
-    from niyama.sim.report import format_summary, summarize, write_rows
+    from niyama.sim.report import format_summary, request_row, summarize, write_rows
     from niyama.sim.simulator import SimConfig, simulate
     from niyama.sim.workload import WorkloadSpec, build_workload
 
@@ -81,17 +61,18 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     classes = QoSClasses.load(args.qos_config)
     spec = WorkloadSpec(trace=args.trace, rate=args.rate,
                         num_requests=args.num_requests or (int(args.rate * args.duration) if args.rate else None),
-                        class_mix=args.class_mix or {n: 1.0 for n in classes},
-                        importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)
+                        classmix=args.classmix or {n: 1.0 for n in classes},
+                        importancemix=args.importancemix, length_scale=args.length_scale, seed=args.seed)
     specs = build_workload(spec)
     name, config = variant_config(setup, args.scheduler)
     result = simulate(specs, classes, SimConfig(name, config, BatchTimePredictor.load(args.profile),
                                                 noise=args.noise, seed=args.seed), progress=True)
-    summary = summarize(result.requests, result.duration)
+    rows = [request_row(r) for r in result.requests]
+    summary = summarize(rows, result.duration)
     stem = args.output_dir / f"sim-{Path(args.trace).stem}-{args.scheduler}"
-    write_rows(result.requests, f"{stem}.csv")
+    write_rows(rows, f"{stem}.csv")
     Path(f"{stem}.json").write_text(json.dumps(summary, indent=2))
-    plot = plots.run_plot(result.requests, f"{args.scheduler} on {args.trace}", Path(f"{stem}.png"))
+    plot = plots.run_plot(rows, f"{args.scheduler} on {args.trace}", Path(f"{stem}.png"))
     print(format_summary(summary))
     print(f"{result.iterations} iterations, {result.num_preemptions} preemptions; "
           f"wrote {stem}.csv, {stem}.json, {plot}")
@@ -126,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate one workload with one scheduler")
     _add_workload_args(p)
     p.add_argument("--scheduler", default="niyama", choices=list(VARIANTS))
-    p.add_argument("--rate", type=_positive, default=None, help="Poisson rate (default: trace arrival times)")
+    p.add_argument("--rate", type=positive, default=None, help="Poisson rate (default: trace arrival times)")
     p.add_argument("--num-requests", type=int, default=None, help="number of requests (overrides duration)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("capacity", help="max rate with ≤ 1%% violations per class, per scheduler")
     _add_workload_args(p)
     p.add_argument("--schedulers", type=lambda s: s.split(","), default=["fcfs", "edf", "niyama"])
-    p.add_argument("--start", type=_positive, default=2.0, help="first rate tried (req/s)")
+    p.add_argument("--start", type=positive, default=2.0, help="first rate tried (req/s)")
     p.set_defaults(func=cmd_capacity)
 
     p = sub.add_parser("experiment", help="the paper's experiments: capacity, overload, transient, "
@@ -143,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="also write a Markdown report here")
     p.set_defaults(func=cmd_experiment)
 
+    from niyama.bench.commands import register as register_bench
     from niyama.engine.commands import register as register_engine
     from niyama.server.commands import register as register_server
 
     register_engine(sub)
     register_server(sub)
+    register_bench(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
 from niyama.sim.capacity import CapacityResult, find_capacity
-from niyama.sim.report import max_class_violation, summarize
+from niyama.sim.report import max_class_violation, request_row, summarize
 from niyama.sim.simulator import SimConfig, simulate
 from niyama.sim.workload import WorkloadSpec, build_workload
 
@@ -90,7 +90,7 @@ def run_point(setup: Setup, point: Point) -> dict[str, Any]:
                           SimConfig(name, config, latency, noise=setup.noise, seed=setup.seed + k))
         requests += result.requests
         duration = max(duration, result.duration)
-    summary = summarize(requests, duration)
+    summary = summarize([request_row(r) for r in requests], duration)
     summary["point"] = {"variant": point.variant, "rate": point.rate, "replicas": point.replicas}
     return summary
 

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from niyama.request import Request  # noqa: E402
 from niyama.sim.capacity import CapacityResult  # noqa: E402
 
 
@@ -22,14 +21,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def run_plot(requests: list[Request], title: str, path: Path) -> Path:
-    """TTFT distribution per class against its deadline, and violations over time."""
+def run_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """TTFT distribution per class, and violations over time (``rows``: per-request report rows)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    by_class: dict[str, list[Request]] = {}
-    for r in requests:
-        by_class.setdefault(r.qos.name, []).append(r)
-    for name, reqs in sorted(by_class.items()):
-        ttft = np.sort([r.ttft for r in reqs if r.ttft is not None])
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_class.setdefault(r["class"], []).append(r)
+    for name, group in sorted(by_class.items()):
+        ttft = np.sort([r["ttft"] for r in group if r["ttft"] is not None])
         if ttft.size:
             ax1.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size, label=name)
     ax1.set_xscale("log")
@@ -37,8 +36,8 @@ def run_plot(requests: list[Request], title: str, path: Path) -> Path:
     ax1.set_ylabel("fraction of requests")
     ax1.set_title("TTFT CDF per class")
     ax1.legend()
-    arrivals = np.array([r.arrival for r in requests])
-    missed = np.array([r.slo_met is not True for r in requests], dtype=float)
+    arrivals = np.array([r["arrival"] for r in rows])
+    missed = np.array([r["slo_met"] is not True for r in rows], dtype=float)
     if arrivals.size:
         bins = np.linspace(arrivals.min(), arrivals.max() + 1e-9, 40)
         idx = np.digitize(arrivals, bins)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,7 @@ def request_row(r: Request) -> dict[str, Any]:
     }
 
 
-def write_rows(requests: Iterable[Request], path: str | Path) -> None:
-    rows = [request_row(r) for r in requests]
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
     with Path(path).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
         writer.writeheader()
@@ -58,29 +56,37 @@ def _group_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "violation_pct": 100.0 * violated / n if n else 0.0,
         "tbt_violation_pct": (100.0 * sum(1 for r in interactive if not r["tbt_met"]) / len(interactive)
                               if interactive else None),
-        "relegated": sum(1 for r in rows if r["relegated"]),
+        "relegated": sum(1 for r in rows if r.get("relegated")),
     }
     for key in ("ttft", "tbt_mean", "ttlt"):
         summary.update(_percentiles([r[key] for r in rows], key.removesuffix("_mean")))
     return summary
 
 
-def summarize(requests: list[Request], duration: float) -> dict[str, Any]:
-    """Summary per QoS class and per importance level, plus ``overall`` and throughput."""
-    rows = [request_row(r) for r in requests]
+def summarize(rows: list[dict[str, Any]], duration: float) -> dict[str, Any]:
+    """Summary per QoS class and per importance level, plus ``overall``, throughput and goodput.
+
+    ``rows`` are ``request_row`` dicts (simulated requests) or the benchmark client's rows (same keys).
+    Goodput is as ``vllm bench serve`` defines it, with each request's own SLO: requests that met it per
+    second of the run.
+    """
     by_class: dict[str, list[dict[str, Any]]] = {}
     by_importance: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_class.setdefault(row["class"], []).append(row)
         by_importance.setdefault(row["importance"], []).append(row)
-    tokens = sum(r.num_prompt_tokens + r.num_output_tokens for r in requests)
+    tokens = sum(r["prompt_tokens"] + r["output_tokens"] for r in rows)
+    output_tokens = sum(r["output_tokens"] for r in rows)
+    good = sum(1 for r in rows if r["slo_met"] is True)
     return {
         "overall": _group_summary(rows),
         "classes": {k: _group_summary(v) for k, v in sorted(by_class.items())},
         "importance": {k: _group_summary(v) for k, v in sorted(by_importance.items())},
         "duration_s": duration,
-        "throughput_rps": len(requests) / duration if duration else 0.0,
+        "throughput_rps": len(rows) / duration if duration else 0.0,
         "throughput_tok_s": tokens / duration if duration else 0.0,
+        "output_tok_s": output_tokens / duration if duration else 0.0,
+        "goodput_rps": good / duration if duration else 0.0,
     }
 
 
@@ -104,5 +110,5 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{fmt(s['tbt_p50'], 1e3) + '/' + fmt(s['tbt_p99'], 1e3):>20}"
             f"{fmt(s['ttlt_p50']) + '/' + fmt(s['ttlt_p99']):>20}")
     lines.append(f"duration {summary['duration_s']:.1f} s, {summary['throughput_rps']:.2f} req/s, "
-                 f"{summary['throughput_tok_s']:.0f} tok/s")
+                 f"{summary['throughput_tok_s']:.0f} tok/s, goodput {summary['goodput_rps']:.2f} req/s")
     return "\n".join(lines)

@@ -106,6 +106,7 @@ class WorkloadSpec:
     length_scale: float = 1.0  # multiply prompt and decode lengths (for small models)
     max_prompt_tokens: int | None = None  # clip longer prompts
     offset: int = 0  # first trace row used
+    synthetic_lengths: tuple[int, int] | None = None  # (prompt, output) for every request, instead of a trace
     seed: int = 0
 
 
@@ -119,7 +120,11 @@ def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: 
 
 def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
     rng = np.random.default_rng(spec.seed)
-    trace = load_trace(spec.trace)
+    if spec.synthetic_lengths:
+        prompt, output = spec.synthetic_lengths
+        trace = Trace(np.array([prompt]), np.array([output]), None)
+    else:
+        trace = load_trace(spec.trace)
     if spec.schedule:
         arrivals = piecewise_arrivals(spec.schedule, rng, spec.cv)
         n = len(arrivals) if spec.num_requests is None else min(spec.num_requests, len(arrivals))
@@ -129,7 +134,8 @@ def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
         arrivals = poisson_arrivals(n, spec.rate, rng, spec.cv)
     else:
         if trace.arrivals is None:
-            raise ValueError(f"trace {spec.trace} has no arrival times: give a rate")
+            raise ValueError(f"trace {spec.trace if not spec.synthetic_lengths else 'synthetic'} has no "
+                             "arrival times: give a rate")
         n = min(spec.num_requests or len(trace), len(trace) - spec.offset)
         arrivals = trace.arrivals[spec.offset:spec.offset + n] - trace.arrivals[spec.offset]
     rows = (np.arange(n) + spec.offset) % len(trace)
