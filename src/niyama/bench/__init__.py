@@ -1,0 +1,1 @@
+"""Benchmark client for OpenAI-compatible servers: open-loop load, SLO attainment, live capacity."""

@@ -1,0 +1,251 @@
+"""Open-loop load against any OpenAI-compatible server, timing every streamed token.
+
+Each request is sent at its workload arrival time whatever the server's state (open loop, like
+``vllm bench serve``), streams its answer, and records when each chunk of text arrived. Prompts are
+random token ids sent to ``/v1/completions`` (exact lengths, nothing for a prefix cache to share), or random
+words sent to ``/v1/chat/completions``. With ``ignore_eos`` every answer is exactly ``max_tokens`` long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from niyama.qos import QoSClasses
+from niyama.sim.workload import RequestSpec
+
+QOS_MODES = ("niyama", "service-tier", "priority", "none")
+DEFAULT_TIERS = {"interactive": "priority"}  # other classes: "flex"
+WORDS = ("time", "people", "way", "water", "word", "world", "number", "part", "place", "sound", "work", "year",
+         "light", "house", "story", "point", "river", "city", "music", "paper", "color", "field", "table", "road")
+
+
+class ServerError(ConnectionError):
+    """The server could not be reached or answered the benchmark's set-up calls with an error."""
+
+
+@dataclass
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None  # default: the first model the server lists
+    endpoint: str = "completions"  # or "chat"
+    qos_mode: str = "niyama"  # how each request states its class (QOS_MODES)
+    service_tiers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    priorities: Mapping[str, int] | None = None  # class → vLLM priority; default: by deadline, tightest 0
+    ignore_eos: bool = True
+    vocab_size: int = 32000  # random prompt ids are drawn from [100, vocab_size)
+    api_key: str | None = None
+    drain_timeout: float | None = None  # after the last arrival, cancel what is still running
+    stop_at_violation_pct: float | None = None  # end the run once a class has this many certain violations
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class RequestResult:
+    """What the client saw of one request. Times are seconds since the run started."""
+
+    index: int
+    spec: RequestSpec
+    sent: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
+    output_tokens: int | None = None  # the server's usage count, when it sends one
+    prompt_tokens: int | None = None
+    finished: float | None = None
+    error: str | None = None
+    server_info: dict[str, Any] | None = None  # Niyama's ``niyama`` object, from our server
+
+
+@dataclass
+class RunResult:
+    results: list[RequestResult]
+    duration: float  # first send to last completion
+    stopped_early: bool = False
+
+
+def _priorities(classes: QoSClasses) -> dict[str, int]:
+    """vLLM priority per class: the class with the tightest first deadline gets 0 (served first)."""
+    order = sorted(classes, key=lambda n: classes[n].first_token_deadline(0.0))
+    return {name: i for i, name in enumerate(order)}
+
+
+def _body(cfg: BenchConfig, model: str, spec: RequestSpec, prompt: list[int] | str, classes: QoSClasses,
+          priorities: Mapping[str, int]) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": spec.decode_tokens, "temperature": 0.0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    if cfg.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    if cfg.qos_mode == "niyama":  # the class and its SLOs as the client judges them, so both sides agree
+        qos = classes[spec.qos_class]
+        slo = {"ttlt": qos.ttlt} if qos.ttlt is not None else {"ttft": qos.ttft, "tbt": qos.tbt}
+        body["qos"] = {"class": spec.qos_class, **slo, "importance": spec.importance.name.lower()}
+    elif cfg.qos_mode == "service-tier":
+        body["service_tier"] = cfg.service_tiers.get(spec.qos_class, "flex")
+    elif cfg.qos_mode == "priority":
+        body["priority"] = priorities[spec.qos_class]
+    return body
+
+
+def _chunk_text(event: dict[str, Any]) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    c = choices[0]
+    return c.get("text") or (c.get("delta") or {}).get("content") or ""
+
+
+async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], result: RequestResult,
+                t0: float) -> None:
+    result.sent = time.perf_counter() - t0
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    text = json.loads(text)["error"]["message"]
+                result.error = f"HTTP {resp.status}: {str(text)[:200]}"
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter() - t0
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = str(event["error"].get("message", event["error"]))[:200]
+                    return
+                if _chunk_text(event):
+                    result.chunk_times.append(now)
+                if usage := event.get("usage"):
+                    result.output_tokens = usage.get("completion_tokens")
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                if info := event.get("niyama"):
+                    result.server_info = info
+        result.finished = time.perf_counter() - t0
+    except aiohttp.ClientError as e:
+        result.error = f"{type(e).__name__}: {e}"[:200]
+
+
+async def list_models(session: aiohttp.ClientSession, base_url: str) -> list[str]:
+    try:
+        async with session.get(f"{base_url}/models") as resp:
+            if resp.status != 200:
+                raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
+            return [m["id"] for m in (await resp.json())["data"]]
+    except aiohttp.ClientError as e:
+        raise ServerError(f"cannot reach {base_url}: {e}") from None
+
+
+def _certain_violations(results: list[RequestResult], classes: QoSClasses, now: float) -> dict[str, int]:
+    """Per class, requests already known to miss their SLO: errors, or a deadline passed unmet."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.sent is None:
+            continue
+        qos = classes[r.spec.qos_class]
+        if r.error is not None:
+            missed = True
+        elif qos.interactive:
+            first = r.chunk_times[0] if r.chunk_times else None
+            missed = (first if first is not None else now) > qos.first_token_deadline(r.sent)
+        else:
+            missed = (r.finished if r.finished is not None else now) > qos.first_token_deadline(r.sent)
+        counts[r.spec.qos_class] = counts.get(r.spec.qos_class, 0) + missed
+    return counts
+
+
+async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig,
+                         on_done: Callable[[RequestResult], None] | None = None) -> RunResult:
+    if cfg.endpoint not in ("completions", "chat"):
+        raise ValueError(f"endpoint must be completions or chat, got {cfg.endpoint!r}")
+    if cfg.qos_mode not in QOS_MODES:
+        raise ValueError(f"qos mode must be one of {', '.join(QOS_MODES)}, got {cfg.qos_mode!r}")
+    for spec in specs:
+        classes[spec.qos_class]  # unknown classes fail before anything is sent
+    base = cfg.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    rng = np.random.default_rng(cfg.seed)
+    priorities = cfg.priorities or _priorities(classes)
+    results = [RequestResult(i, s) for i, s in enumerate(specs)]
+    totals = {name: sum(1 for s in specs if s.qos_class == name) for name in classes}
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        model = cfg.model or (await list_models(session, base))[0]
+        url = f"{base}/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
+        bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
+
+        def done(result: RequestResult) -> None:
+            bar.update(1)
+            if on_done:
+                on_done(result)
+
+        tasks: list[asyncio.Task] = []
+        t0 = time.perf_counter()
+
+        async def launch() -> None:
+            for spec, result in zip(specs, results, strict=True):
+                delay = spec.arrival - (time.perf_counter() - t0)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if cfg.endpoint == "chat":
+                    prompt: list[int] | str = " ".join(rng.choice(WORDS, spec.prompt_tokens))
+                else:
+                    prompt = rng.integers(100, cfg.vocab_size, spec.prompt_tokens).tolist()
+                task = asyncio.create_task(_send(session, url, _body(cfg, model, spec, prompt, classes, priorities),
+                                                 result, t0))
+                task.add_done_callback(lambda _, r=result: done(r))
+                tasks.append(task)
+
+        async def watch() -> bool:
+            """True when the run should stop: a class is past its violation budget, or the drain ran out."""
+            while True:
+                await asyncio.sleep(0.5)
+                now = time.perf_counter() - t0
+                if cfg.stop_at_violation_pct is not None:
+                    counts = _certain_violations(results, classes, now)
+                    if any(100 * n > cfg.stop_at_violation_pct * totals[c] for c, n in counts.items()):
+                        return True
+                if (cfg.drain_timeout is not None and specs
+                        and now > specs[-1].arrival + cfg.drain_timeout):
+                    return True
+
+        launcher = asyncio.create_task(launch())
+        watcher = asyncio.create_task(watch())
+        finished, _ = await asyncio.wait([launcher, watcher], return_when=asyncio.FIRST_COMPLETED)
+        stopped = watcher in finished
+        while not stopped and any(not t.done() for t in tasks):
+            pending = {t for t in tasks if not t.done()}
+            finished, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+            stopped = watcher in finished
+        for t in (launcher, watcher, *tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()
+    for r in results:
+        if r.sent is not None and r.finished is None and r.error is None:
+            r.error = "cancelled: the run ended before the answer did"
+    ends = [r.finished for r in results if r.finished is not None]
+    starts = [r.sent for r in results if r.sent is not None]
+    duration = (max(ends) if ends else 0.0) - (min(starts) if starts else 0.0)
+    return RunResult(results, duration, stopped)
+
+
+def run_load(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig) -> RunResult:
+    return asyncio.run(run_load_async(specs, classes, cfg))

@@ -1,0 +1,75 @@
+"""Judge what the client saw against each request's QoS, with the simulator's definitions and report.
+
+A request's SLO is judged from the client's clock, from the moment it was sent: interactive requests by
+their first token (TTFT), batch requests by their last (TTLT); the token pace (TBT) of interactive requests
+is judged against cumulative per-token deadlines and reported apart, as in the simulator. Chunk ``k`` of a
+stream is taken to carry token ``k`` (the last chunk carries the last token): a server that merges tokens
+into one chunk is judged by the earlier token's deadline, which is the stricter reading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from niyama.bench.client import RequestResult, RunResult
+from niyama.qos import QoSClasses
+from niyama.sim.report import summarize
+
+
+def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
+    qos = classes[r.spec.qos_class]
+    times = r.chunk_times if r.error is None else []
+    n = (r.output_tokens or len(times)) if times else 0
+    sent = r.sent if r.sent is not None else r.spec.arrival
+    ttft = times[0] - sent if times else None
+    ttlt = r.finished - sent if r.finished is not None and r.error is None else None
+    token_index = [*range(1, len(times)), n] if times else []
+    lateness = [t - qos.token_deadline(sent, k) for t, k in zip(times, token_index, strict=True)]
+    if r.error is not None or not times:
+        slo_met: bool | None = False
+    elif qos.interactive:
+        slo_met = times[0] <= qos.first_token_deadline(sent)
+    else:
+        slo_met = ttlt is not None and ttlt <= qos.ttlt  # type: ignore[operator]
+    info = r.server_info or {}
+    return {
+        "id": r.index,
+        "class": r.spec.qos_class,
+        "importance": r.spec.importance.name.lower(),
+        "arrival": sent,
+        "prompt_tokens": r.prompt_tokens or r.spec.prompt_tokens,
+        "output_tokens": n,
+        "ttft": ttft,
+        "tbt_mean": (times[-1] - times[0]) / (n - 1) if n > 1 else None,
+        "ttlt": ttlt,
+        "queue_time": info.get("queue_time"),
+        "max_lateness": max(lateness) if lateness else None,
+        "slo_met": slo_met,
+        "tbt_met": (max(lateness) <= 0 if lateness else False) if qos.interactive else None,
+        "relegated": info.get("relegated"),
+        "preemptions": info.get("num_preemptions"),
+        "error": r.error,
+        "chunk_times": [round(t - sent, 4) for t in times],
+    }
+
+
+def run_rows(run: RunResult, classes: QoSClasses) -> list[dict[str, Any]]:
+    """Rows of the requests that were sent (a run stopped early leaves the rest unsent)."""
+    return [result_row(r, classes) for r in run.results if r.sent is not None]
+
+
+def run_summary(run: RunResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = summarize(rows, run.duration)
+    summary["errors"] = sum(1 for r in rows if r["error"])
+    summary["planned_requests"] = len(run.results)
+    summary["stopped_early"] = run.stopped_early
+    return summary
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,70 @@
+"""`niyama bench` and `niyama bench capacity` as a user runs them: real CLI processes against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.server.conftest import QOS_CONFIG
+
+TINY = ["--trace", "synthetic", "--input-len", "12", "--output-len", "4", "--no-progress", "--vocab-size", "49152"]
+
+
+def _bench(server, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "niyama.cli", "bench", *(args[:1] if args[:1] == ("capacity",) else ()),
+           "--base-url", f"{server.url}/v1", "--output-dir", str(tmp_path), *TINY,
+           *(args[1:] if args[:1] == ("capacity",) else args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path):
+    # The server's classes: a 10 s first-token deadline is a wide margin for 6 tiny requests.
+    done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--rate", "4", "--num-requests", "6",
+                  "--importance-mix", "critical=1,sheddable=1", "--label", "tiny")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "bench-tiny.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    assert all(r["output_tokens"] == 4 and r["prompt_tokens"] == 12 and len(r["chunk_times"]) >= 1 for r in rows)
+    assert all(r["slo_met"] for r in rows) and {r["class"] for r in rows} <= {"interactive", "batch-10m", "batch-30m"}
+    # The server judged each request under the class the client asked for (Niyama's qos field).
+    assert all(r["relegated"] is False for r in rows)
+    summary = json.loads((tmp_path / "bench-tiny.json").read_text())
+    assert summary["overall"]["requests"] == 6 and summary["overall"]["violation_pct"] == 0.0
+    assert summary["goodput_rps"] > 0 and summary["errors"] == 0
+    assert (tmp_path / "bench-tiny.png").stat().st_size > 0
+    assert "overall" in done.stdout and "goodput" in done.stdout
+
+
+def test_bench_sends_service_tier_and_priority(server, tmp_path):
+    for mode in ("service-tier", "priority"):
+        done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--qos-mode", mode, "--rate", "4",
+                      "--num-requests", "3", "--class-mix", "interactive", "--label", mode)
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in (tmp_path / f"bench-{mode}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(r["error"] is None for r in rows)
+
+
+def test_capacity_search_against_a_live_server_ends_failing_points_early(server, tmp_path):
+    impossible = tmp_path / "impossible.toml"  # a 1 ms first-token deadline: every point fails
+    impossible.write_text('default = "interactive"\n[classes.interactive]\nttft = 0.001\ntbt = 1.0\n')
+    done = _bench(server, tmp_path, "capacity", "--qos-config", str(impossible), "--duration", "8",
+                  "--start", "1", "--label", "cap")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "cap.json").read_text())
+    assert report["capacity"] == 0.0 and len(report["points"]) >= 2
+    rates = [p["rate"] for p in report["points"]]
+    assert rates == sorted(rates, reverse=True) and all(p["worst_violation_pct"] > 1 for p in report["points"])
+    first = report["points"][0]  # 8 planned requests, ended once the first one missed its deadline
+    assert first["stopped_early"] and first["summary"]["overall"]["requests"] < first["summary"]["planned_requests"]
+    assert (tmp_path / "cap.png").exists() and (tmp_path / "cap" / f"cap-{rates[0]:.3f}.jsonl").exists()
+
+
+def test_bench_errors_are_one_readable_line(tmp_path):
+    cmd = [sys.executable, "-m", "niyama.cli", "bench", "--base-url", "http://127.0.0.1:9/v1", "--rate", "1",
+           "--num-requests", "1", "--output-dir", str(tmp_path), *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("niyama: error: cannot reach")
+    done = subprocess.run([*cmd, "--class-mix", "nosuch"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown QoS class 'nosuch'" in done.stderr
