@@ -40,10 +40,10 @@ def test_batch_is_judged_by_the_last_token_and_errors_are_violations():
 def test_summary_counts_unsent_requests_out_and_reports_goodput():
     sent = [_result("chat", 0.0, [0.5, 1.0]), _result("batch", 0.0, [20.0])]
     unsent = RequestResult(2, RequestSpec(5.0, 8, 2, "chat", Importance.STANDARD))
-    run = RunResult([*sent, unsent], duration=20.0, stopped_early=True)
+    run = RunResult([*sent, unsent], duration=20.0, stop_reason="violations")
     rows = run_rows(run, CLASSES)
     summary = run_summary(run, rows)
-    assert len(rows) == 2 and summary["planned_requests"] == 3 and summary["stopped_early"]
+    assert len(rows) == 2 and summary["planned_requests"] == 3 and summary["stop_reason"] == "violations"
     assert summary["classes"]["batch"]["violation_pct"] == 100.0
     assert summary["goodput_rps"] == 1 / 20.0
 

@@ -60,16 +60,22 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
     output_tokens: int | None = None  # the server's usage count, when it sends one
     prompt_tokens: int | None = None
-    finished: float | None = None
-    error: str | None = None
+    finished: float | None = None  # the answer completed (``[DONE]`` received)
+    ended: float | None = None  # the client stopped waiting: finished, failed or cancelled
+    error: str | None = None  # the server refused or broke the answer
+    cancelled: bool = False  # the run ended first (drain timeout or early stop); judged on what arrived
     server_info: dict[str, Any] | None = None  # Niyama's ``niyama`` object, from our server
 
 
 @dataclass
 class RunResult:
     results: list[RequestResult]
-    duration: float  # first send to last completion
-    stopped_early: bool = False
+    duration: float  # first send to the last request's end
+    stop_reason: str | None = None  # "violations" (a class passed its budget) or "drain" (drain timeout)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason is not None
 
 
 def _priorities(classes: QoSClasses) -> dict[str, int]:
@@ -118,17 +124,20 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
                     text = json.loads(text)["error"]["message"]
                 result.error = f"HTTP {resp.status}: {str(text)[:200]}"
                 return
+            done = False
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    done = True
                     break
                 now = time.perf_counter() - t0
                 event = json.loads(data)
-                if "error" in event:
-                    result.error = str(event["error"].get("message", event["error"]))[:200]
+                if "error" in event or event.get("object") == "error":  # OpenAI's shape, or vLLM's flat one
+                    err = event.get("error", event)
+                    result.error = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
                     return
                 if _chunk_text(event):
                     result.chunk_times.append(now)
@@ -137,9 +146,23 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
                     result.prompt_tokens = usage.get("prompt_tokens")
                 if info := event.get("niyama"):
                     result.server_info = info
-        result.finished = time.perf_counter() - t0
+            if not done:
+                result.error = "the stream ended without [DONE]"
+            elif body.get("ignore_eos") and result.output_tokens is not None \
+                    and result.output_tokens < body["max_tokens"]:
+                result.error = (f"the answer stopped at {result.output_tokens} of {body['max_tokens']} tokens "
+                                "(ignore_eos not honoured?)")
+            else:
+                result.finished = time.perf_counter() - t0
     except aiohttp.ClientError as e:
         result.error = f"{type(e).__name__}: {e}"[:200]
+    except (ValueError, AttributeError, TypeError) as e:  # a malformed event
+        result.error = f"bad stream event: {e}"[:200]
+    except asyncio.CancelledError:
+        result.cancelled = True
+        raise
+    finally:
+        result.ended = time.perf_counter() - t0
 
 
 async def list_models(session: aiohttp.ClientSession, base_url: str) -> list[str]:
@@ -182,6 +205,8 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     rng = np.random.default_rng(cfg.seed)
     priorities = cfg.priorities or _priorities(classes)
+    if cfg.qos_mode == "priority" and (missing := {s.qos_class for s in specs} - set(priorities)):
+        raise ValueError(f"no priority for class(es) {', '.join(sorted(missing))}")
     results = [RequestResult(i, s) for i, s in enumerate(specs)]
     totals = {name: sum(1 for s in specs if s.qos_class == name) for name in classes}
     connector = aiohttp.TCPConnector(limit=0)
@@ -213,38 +238,36 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
                 task.add_done_callback(lambda _, r=result: done(r))
                 tasks.append(task)
 
-        async def watch() -> bool:
-            """True when the run should stop: a class is past its violation budget, or the drain ran out."""
+        async def watch() -> str:
+            """Why the run should stop: a class is past its violation budget, or the drain ran out."""
             while True:
                 await asyncio.sleep(0.5)
                 now = time.perf_counter() - t0
                 if cfg.stop_at_violation_pct is not None:
                     counts = _certain_violations(results, classes, now)
                     if any(100 * n > cfg.stop_at_violation_pct * totals[c] for c, n in counts.items()):
-                        return True
+                        return "violations"
                 if (cfg.drain_timeout is not None and specs
                         and now > specs[-1].arrival + cfg.drain_timeout):
-                    return True
+                    return "drain"
 
         launcher = asyncio.create_task(launch())
         watcher = asyncio.create_task(watch())
         finished, _ = await asyncio.wait([launcher, watcher], return_when=asyncio.FIRST_COMPLETED)
-        stopped = watcher in finished
-        while not stopped and any(not t.done() for t in tasks):
+        while watcher not in finished and any(not t.done() for t in tasks):
             pending = {t for t in tasks if not t.done()}
             finished, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
-            stopped = watcher in finished
+        stop_reason = watcher.result() if watcher in finished else None
         for t in (launcher, watcher, *tasks):
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(launcher, watcher, *tasks, return_exceptions=True)
         bar.close()
-    for r in results:
-        if r.sent is not None and r.finished is None and r.error is None:
-            r.error = "cancelled: the run ended before the answer did"
-    ends = [r.finished for r in results if r.finished is not None]
+        if launcher.done() and not launcher.cancelled() and launcher.exception():
+            raise launcher.exception()  # type: ignore[misc]
+    ends = [r.ended for r in results if r.ended is not None]
     starts = [r.sent for r in results if r.sent is not None]
-    duration = (max(ends) if ends else 0.0) - (min(starts) if starts else 0.0)
-    return RunResult(results, duration, stopped)
+    duration = max(0.0, max(ends) - min(starts)) if ends and starts else 0.0
+    return RunResult(results, duration, stop_reason)
 
 
 def run_load(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig) -> RunResult:

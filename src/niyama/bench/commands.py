@@ -13,47 +13,54 @@ from niyama.qos import QoSClasses
 from niyama.sim.workload import TRACE_FILES, WorkloadSpec, build_workload
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options `niyama bench` and `niyama bench capacity` share; returns their actions."""
+    actions: list[argparse.Action] = []
+
+    def add(group, *names: str, **kw: Any) -> None:
+        actions.append(group.add_argument(*names, **kw))
+
     g = p.add_argument_group("server")
-    g.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI API root")
-    g.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
-    g.add_argument("--api-key", default=None)
-    g.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
-                   help="completions: random token-id prompts of exact length; chat: random-word messages")
-    g.add_argument("--qos-mode", choices=QOS_MODES, default="niyama",
-                   help="how requests state their class: Niyama's qos field, OpenAI's service_tier, "
-                   "vLLM's priority, or not at all")
-    g.add_argument("--service-tiers", type=mapping, default=None,
-                   help="class=tier for --qos-mode service-tier (default: interactive=priority, others flex)")
-    g.add_argument("--priorities", type=mapping, default=None,
-                   help="class=int for --qos-mode priority (default: tightest deadline first, from 0)")
-    g.add_argument("--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
-    g.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are below this")
+    add(g, "--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI API root")
+    add(g, "--model", default=None, help="model id (default: the first one the server lists)")
+    add(g, "--api-key", default=None)
+    add(g, "--endpoint", choices=["completions", "chat"], default="completions",
+           help="completions: random token-id prompts of exact length; chat: random-word messages")
+    add(g, "--qos-mode", choices=QOS_MODES, default="niyama",
+           help="how requests state their class: Niyama's qos field, OpenAI's service_tier, "
+           "vLLM's priority, or not at all")
+    add(g, "--service-tiers", type=mapping, default=None,
+           help="class=tier for --qos-mode service-tier (default: interactive=priority, others flex)")
+    add(g, "--priorities", type=mapping, default=None,
+           help="class=int for --qos-mode priority (default: tightest deadline first, from 0)")
+    add(g, "--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
+    add(g, "--vocab-size", type=int, default=32000, help="random prompt ids are below this")
     w = p.add_argument_group("workload")
-    w.add_argument("--trace", default="azure_conv",
-                   help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
-                   "with --input-len/--output-len (default: azure_conv)")
-    w.add_argument("--input-len", type=int, default=128, help="prompt tokens of --trace synthetic")
-    w.add_argument("--output-len", type=int, default=128, help="output tokens of --trace synthetic")
-    w.add_argument("--cv", type=positive, default=1.0,
-                   help="burstiness: gamma inter-arrivals with this coefficient of variation (1 = Poisson)")
-    w.add_argument("--duration", type=positive, default=120.0, help="seconds of arrivals (requests = rate × this)")
-    w.add_argument("--num-requests", type=int, default=None, help="number of requests (overrides --duration)")
-    w.add_argument("--class-mix", type=mix, default=None, help="e.g. interactive=1,batch-10m=1 (default: equal)")
-    w.add_argument("--importance-mix", type=mix, default={"standard": 1.0},
-                   help="e.g. critical=0.4,standard=0.4,sheddable=0.2")
-    w.add_argument("--length-scale", type=positive, default=1.0, help="multiply trace lengths (small models)")
-    w.add_argument("--max-prompt-tokens", type=int, default=None, help="clip longer prompts")
-    w.add_argument("--qos-config", default=None,
-                   help="QoS classes the requests ask for and are judged by; use the server's file")
-    w.add_argument("--seed", type=int, default=0)
+    add(w, "--trace", default="azure_conv",
+           help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
+           "with --input-len/--output-len (default: azure_conv)")
+    add(w, "--input-len", type=int, default=128, help="prompt tokens of --trace synthetic")
+    add(w, "--output-len", type=int, default=128, help="output tokens of --trace synthetic")
+    add(w, "--cv", type=positive, default=1.0,
+           help="burstiness: gamma inter-arrivals with this coefficient of variation (1 = Poisson)")
+    add(w, "--duration", type=positive, default=120.0, help="seconds of arrivals (requests = rate × this)")
+    add(w, "--num-requests", type=int, default=None, help="number of requests (overrides --duration)")
+    add(w, "--class-mix", type=mix, default=None, help="e.g. interactive=1,batch-10m=1 (default: equal)")
+    add(w, "--importance-mix", type=mix, default={"standard": 1.0},
+           help="e.g. critical=0.4,standard=0.4,sheddable=0.2")
+    add(w, "--length-scale", type=positive, default=1.0, help="multiply trace lengths (small models)")
+    add(w, "--max-prompt-tokens", type=int, default=None, help="clip longer prompts")
+    add(w, "--qos-config", default=None,
+           help="QoS classes the requests ask for and are judged by; use the server's file")
+    add(w, "--seed", type=int, default=0)
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", type=Path, default=Path("results/bench"))
-    o.add_argument("--label", default=None, help="file name stem (default: from the QoS mode and rate)")
-    o.add_argument("--drain-timeout", type=positive, default=None,
-                   help="after the last arrival, cancel what still runs after this many seconds "
-                   "(cancelled requests count as violations)")
-    o.add_argument("--no-progress", action="store_true")
+    add(o, "--output-dir", type=Path, default=Path("results/bench"))
+    add(o, "--label", default=None, help="file name stem (default: from the QoS mode and rate)")
+    add(o, "--drain-timeout", type=positive, default=None,
+           help="after the last arrival, cancel what still runs after this many seconds "
+           "(cancelled requests count as violations)")
+    add(o, "--no-progress", action="store_true")
+    return actions
 
 
 def register(subparsers) -> None:
@@ -68,7 +75,8 @@ def register(subparsers) -> None:
     c = sub.add_parser("capacity", help="highest rate with ≤ 1%% violations in every class, on a live server",
                        description="The simulator's capacity search (bracket, bisect, interpolate) with each "
                        "point a live benchmark run.")
-    _add_args(c)
+    for action in _add_args(c):  # options given before `capacity` must survive the subparser's defaults
+        action.default = argparse.SUPPRESS
     c.add_argument("--start", type=positive, default=1.0, help="first rate tried (req/s)")
     c.add_argument("--tolerance", type=positive, default=0.05, help="stop bisecting at this relative width")
     c.add_argument("--threshold", type=positive, default=1.0, help="violation %% allowed per class")
@@ -134,13 +142,19 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
     def evaluate(rate: float) -> float:
         specs = build_workload(workload(args, classes, rate))
         run = run_load(specs, classes, config(args, stop_at=args.stop_at))
-        summary = save_run(run, classes, out_dir / f"{label}-{rate:.3f}", f"{label} at {rate:.3f} req/s")
-        # A run ended early proved at least ``stop_at`` % violations in some class: report that bound.
-        worst = args.stop_at if run.stopped_early else max_class_violation(summary)
-        runs.append({"rate": rate, "worst_violation_pct": worst, "stopped_early": run.stopped_early,
-                     "summary": summary})
-        print(f"{label}: {rate:.3f} req/s → worst class {'≥ ' if run.stopped_early else ''}{worst:.1f}% violations")
+        stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
+        summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s")
+        # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.
+        early = run.stop_reason == "violations"
+        worst = args.stop_at if early else max_class_violation(summary)
+        runs.append({"rate": rate, "worst_violation_pct": worst, "stopped_early": early, "summary": summary})
+        print(f"{label}: {rate:.4g} req/s → worst class {'≥ ' if early else ''}{worst:.1f}% violations", flush=True)
         return worst
+
+    if args.stop_at <= args.threshold:
+        raise ValueError(f"--stop-at ({args.stop_at}) must be above --threshold ({args.threshold})")
+    if args.drain_timeout is None:  # by then every request's SLO is decided; what still runs is cut off
+        args.drain_timeout = max(q.first_token_deadline(0.0) for q in classes.values())
 
     result = find_capacity(evaluate, start=args.start, threshold=args.threshold, rel_tol=args.tolerance)
     return result, runs

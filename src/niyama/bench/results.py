@@ -4,7 +4,9 @@ A request's SLO is judged from the client's clock, from the moment it was sent: 
 their first token (TTFT), batch requests by their last (TTLT); the token pace (TBT) of interactive requests
 is judged against cumulative per-token deadlines and reported apart, as in the simulator. Chunk ``k`` of a
 stream is taken to carry token ``k`` (the last chunk carries the last token): a server that merges tokens
-into one chunk is judged by the earlier token's deadline, which is the stricter reading.
+into one chunk is judged by the earlier token's deadline, which is the stricter reading. Failed requests
+miss their SLO; requests cut short by the end of the run are judged on what had arrived (a batch request
+that did not finish missed; an interactive one is judged by its first token).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
         "relegated": info.get("relegated"),
         "preemptions": info.get("num_preemptions"),
         "error": r.error,
+        "cancelled": r.cancelled,
         "chunk_times": [round(t - sent, 4) for t in times],
     }
 
@@ -63,8 +66,9 @@ def run_rows(run: RunResult, classes: QoSClasses) -> list[dict[str, Any]]:
 def run_summary(run: RunResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(rows, run.duration)
     summary["errors"] = sum(1 for r in rows if r["error"])
+    summary["cancelled"] = sum(1 for r in rows if r["cancelled"])
     summary["planned_requests"] = len(run.results)
-    summary["stopped_early"] = run.stopped_early
+    summary["stop_reason"] = run.stop_reason
     return summary
 
 
