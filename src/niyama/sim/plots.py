@@ -35,7 +35,8 @@ def run_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     ax1.set_xlabel("time to first token (s)")
     ax1.set_ylabel("fraction of requests")
     ax1.set_title("TTFT CDF per class")
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     arrivals = np.array([r["arrival"] for r in rows])
     missed = np.array([r["slo_met"] is not True for r in rows], dtype=float)
     if arrivals.size:
