@@ -45,7 +45,7 @@ def _setup(args: argparse.Namespace):
                              dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
-                 qos_config=args.qos_config, classmix=args.classmix, importancemix=args.importancemix,
+                 qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
                  length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
 
 
@@ -61,8 +61,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     classes = QoSClasses.load(args.qos_config)
     spec = WorkloadSpec(trace=args.trace, rate=args.rate,
                         num_requests=args.num_requests or (int(args.rate * args.duration) if args.rate else None),
-                        classmix=args.classmix or {n: 1.0 for n in classes},
-                        importancemix=args.importancemix, length_scale=args.length_scale, seed=args.seed)
+                        class_mix=args.class_mix or {n: 1.0 for n in classes},
+                        importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)
     specs = build_workload(spec)
     name, config = variant_config(setup, args.scheduler)
     result = simulate(specs, classes, SimConfig(name, config, BatchTimePredictor.load(args.profile),

@@ -28,8 +28,8 @@ def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path
     assert len(rows) == 6 and all(r["error"] is None for r in rows)
     assert all(r["output_tokens"] == 4 and r["prompt_tokens"] == 12 and len(r["chunk_times"]) >= 1 for r in rows)
     assert all(r["slo_met"] for r in rows) and {r["class"] for r in rows} <= {"interactive", "batch-10m", "batch-30m"}
-    # The server judged each request under the class the client asked for (Niyama's qos field).
-    assert all(r["relegated"] is False for r in rows)
+    # The server applied the class the client asked for (Niyama's qos field).
+    assert all(r["server_class"] == r["class"] and r["relegated"] is False for r in rows)
     summary = json.loads((tmp_path / "bench-tiny.json").read_text())
     assert summary["overall"]["requests"] == 6 and summary["overall"]["violation_pct"] == 0.0
     assert summary["goodput_rps"] > 0 and summary["errors"] == 0
@@ -37,13 +37,15 @@ def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path
     assert "overall" in done.stdout and "goodput" in done.stdout
 
 
-def test_bench_sends_service_tier_and_priority(server, tmp_path):
-    for mode in ("service-tier", "priority"):
+def test_bench_sends_service_tier_and_priority_over_both_endpoints(server, tmp_path):
+    for mode, endpoint in (("service-tier", "chat"), ("priority", "completions")):
         done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--qos-mode", mode, "--rate", "4",
-                      "--num-requests", "3", "--class-mix", "interactive", "--label", mode)
+                      "--num-requests", "3", "--class-mix", "interactive", "--endpoint", endpoint, "--label", mode)
         assert done.returncode == 0, done.stderr
         rows = [json.loads(line) for line in (tmp_path / f"bench-{mode}.jsonl").read_text().splitlines()]
-        assert len(rows) == 3 and all(r["error"] is None for r in rows)
+        assert len(rows) == 3 and all(r["error"] is None and r["output_tokens"] == 4 for r in rows)
+        # service_tier "priority" maps to the interactive class in the server's config (and it is the default)
+        assert all(r["server_class"] == "interactive" for r in rows)
 
 
 def test_capacity_search_against_a_live_server_ends_failing_points_early(server, tmp_path):

@@ -50,6 +50,7 @@ def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
         "max_lateness": max(lateness) if lateness else None,
         "slo_met": slo_met,
         "tbt_met": (max(lateness) <= 0 if lateness else False) if qos.interactive else None,
+        "server_class": info.get("class"),  # the class the server applied (Niyama servers say)
         "relegated": info.get("relegated"),
         "preemptions": info.get("num_preemptions"),
         "error": r.error,
