@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,9 +170,12 @@ async def list_models(session: aiohttp.ClientSession, base_url: str) -> list[str
         async with session.get(f"{base_url}/models") as resp:
             if resp.status != 200:
                 raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
-            return [m["id"] for m in (await resp.json())["data"]]
+            models = [m["id"] for m in (await resp.json())["data"]]
     except aiohttp.ClientError as e:
         raise ServerError(f"cannot reach {base_url}: {e}") from None
+    if not models:
+        raise ServerError(f"{base_url}/models lists no model")
+    return models
 
 
 def _certain_violations(results: list[RequestResult], classes: QoSClasses, now: float) -> dict[str, int]:
@@ -193,8 +196,7 @@ def _certain_violations(results: list[RequestResult], classes: QoSClasses, now: 
     return counts
 
 
-async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig,
-                         on_done: Callable[[RequestResult], None] | None = None) -> RunResult:
+async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig) -> RunResult:
     if cfg.endpoint not in ("completions", "chat"):
         raise ValueError(f"endpoint must be completions or chat, got {cfg.endpoint!r}")
     if cfg.qos_mode not in QOS_MODES:
@@ -216,11 +218,6 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
         url = f"{base}/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
         bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
 
-        def done(result: RequestResult) -> None:
-            bar.update(1)
-            if on_done:
-                on_done(result)
-
         tasks: list[asyncio.Task] = []
         t0 = time.perf_counter()
 
@@ -235,7 +232,7 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
                     prompt = rng.integers(100, cfg.vocab_size, spec.prompt_tokens).tolist()
                 task = asyncio.create_task(_send(session, url, _body(cfg, model, spec, prompt, classes, priorities),
                                                  result, t0))
-                task.add_done_callback(lambda _, r=result: done(r))
+                task.add_done_callback(lambda _: bar.update(1))
                 tasks.append(task)
 
         async def watch() -> str:
