@@ -129,6 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(format_summary(summary))
     if summary["errors"]:
         print(f"{summary['errors']} requests failed (counted as violations); see {stem}.jsonl")
+    if summary["cancelled"]:
+        print(f"{summary['cancelled']} requests were still running at the drain timeout and were cut off")
     print(f"wrote {stem}.jsonl, {stem}.json, {stem}.png")
 
 
