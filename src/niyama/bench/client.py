@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from niyama.qos import QoSClasses
+from niyama.qos import QoS, QoSClasses
 from niyama.sim.workload import RequestSpec
 
 QOS_MODES = ("niyama", "service-tier", "priority", "none")
@@ -65,6 +65,17 @@ class RequestResult:
     error: str | None = None  # the server refused or broke the answer
     cancelled: bool = False  # the run ended first (drain timeout or early stop); judged on what arrived
     server_info: dict[str, Any] | None = None  # Niyama's ``niyama`` object, from our server
+
+    def missed(self, qos: QoS, now: float) -> bool:
+        """Whether this sent request has missed its SLO by ``now`` (``math.inf``: the final verdict): it failed,
+        or its deadline passed unmet (interactive: the first token's; batch: the last token's)."""
+        if self.error is not None:
+            return True
+        if qos.interactive:
+            t = self.chunk_times[0] if self.chunk_times else now
+        else:
+            t = self.finished if self.finished is not None else now
+        return t > qos.first_token_deadline(self.sent)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -179,20 +190,12 @@ async def list_models(session: aiohttp.ClientSession, base_url: str) -> list[str
 
 
 def _certain_violations(results: list[RequestResult], classes: QoSClasses, now: float) -> dict[str, int]:
-    """Per class, requests already known to miss their SLO: errors, or a deadline passed unmet."""
+    """Per class, sent requests already known to miss their SLO."""
     counts: dict[str, int] = {}
     for r in results:
-        if r.sent is None:
-            continue
-        qos = classes[r.spec.qos_class]
-        if r.error is not None:
-            missed = True
-        elif qos.interactive:
-            first = r.chunk_times[0] if r.chunk_times else None
-            missed = (first if first is not None else now) > qos.first_token_deadline(r.sent)
-        else:
-            missed = (r.finished if r.finished is not None else now) > qos.first_token_deadline(r.sent)
-        counts[r.spec.qos_class] = counts.get(r.spec.qos_class, 0) + missed
+        if r.sent is not None:
+            c = r.spec.qos_class
+            counts[c] = counts.get(c, 0) + r.missed(classes[c], now)
     return counts
 
 

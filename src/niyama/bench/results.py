@@ -12,6 +12,7 @@ that did not finish missed; an interactive one is judged by its first token).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,7 @@ def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
     ttlt = r.finished - sent if r.finished is not None and r.error is None else None
     token_index = [*range(1, len(times)), n] if times else []
     lateness = [t - qos.token_deadline(sent, k) for t, k in zip(times, token_index, strict=True)]
-    if r.error is not None or not times:
-        slo_met: bool | None = False
-    elif qos.interactive:
-        slo_met = times[0] <= qos.first_token_deadline(sent)
-    else:
-        slo_met = ttlt is not None and ttlt <= qos.ttlt  # type: ignore[operator]
+    slo_met = bool(times) and not r.missed(qos, math.inf)
     info = r.server_info or {}
     return {
         "id": r.index,
