@@ -35,7 +35,6 @@ from niyama.cli import build_parser
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
-from niyama.scheduler.base import DEFAULT_CHUNK_CANDIDATES
 from niyama.sim import plots
 from niyama.sim.capacity import CapacityResult
 from niyama.sim.experiments import Setup, capacities
@@ -110,11 +109,9 @@ def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: flo
     run_load(build_workload(workload(warm, classes, WARMUP_RATE)), classes, config(warm))
     result, runs = find_live_capacity(cap_args, classes, out / name, name)
     record: dict[str, Any] = {"capacity": result.capacity, "points": runs}
-    if overload_rate == 0:
-        return record
-    rate = overload_rate or OVERLOAD * result.capacity
+    rate = OVERLOAD * result.capacity if overload_rate is None else overload_rate
     if rate <= 0:
-        return record  # nothing passed: no rate to overload
+        return record  # no overload run asked for, or no capacity to overload
     over_args = bench_args([*common, "--drain-timeout", str(args.duration)])
     run = run_load(build_workload(workload(over_args, classes, rate)), classes, config(over_args))
     record["overload"] = {"rate": rate, "summary": save_run(run, classes, out / name / f"overload-{rate:.3f}",
@@ -146,9 +143,7 @@ def main() -> None:
     mape = BatchTimePredictor.load(profile).meta.get("heldout_mape", 0.05)
 
     def predict() -> dict[str, Any]:
-        candidates = tuple(c for c in DEFAULT_CHUNK_CANDIDATES if c < MAX_BATCHED_TOKENS) + (MAX_BATCHED_TOKENS,)
-        sched = SchedulerConfig(max_num_seqs=64, chunk_size=256, chunk_candidates=candidates,
-                                low_memory_chunk=MAX_BATCHED_TOKENS)
+        sched = SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=64, chunk_size=256)  # as `niyama serve`
         setup = Setup(trace=TRACE, duration=args.duration, profile=str(profile), noise=mape,
                       qos_config=str(QOS_CONFIG), length_scale=LENGTH_SCALE, base_config=sched, seed=SEED, workers=2)
         return {v: {"capacity": r.capacity, "points": r.points} for v, r in capacities(setup, SCHEDULERS).items()}
@@ -156,7 +151,7 @@ def main() -> None:
     predicted = cached(work / "sim-prediction.json", predict)
     live: dict[str, Any] = {}
     for name in SCHEDULERS:
-        overload_rate = (OVERLOAD * live["niyama"]["capacity"] or 0) if name != "niyama" else None
+        overload_rate = OVERLOAD * live["niyama"]["capacity"] if name != "niyama" else None
         cmd = [niyama, "serve", "--port", "8100", "--scheduler", name, "--qos-config", str(QOS_CONFIG),
                "--profile", str(profile)]
 
@@ -242,6 +237,7 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
         err = f"{(pred - c) / c:+.0%}" if pred is not None and c else "-"
         lines.append(f"| {n} | {c:.2f} | {'-' if pred is None else f'{pred:.2f}'} | {err} |")
     lines += ["", "![capacity](live-capacity.png)", ""]
+
     def ratio(a: float, b: float | None, target: float, what: str) -> None:
         if b:
             lines.append(f"- Niyama vs {what}: {a / b:.2f}× (target ≥ {target}×): {check(a / b >= target)}.")

@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from niyama.request import RequestStatus
-from niyama.scheduler import SCHEDULERS
+from niyama.scheduler import SCHEDULERS, SchedulerConfig
 from tests.conftest import BATCH, CHAT, build_scheduler, linear_predictor, make_request, run_to_completion
 
 
@@ -210,3 +210,10 @@ def test_partly_prefilled_requests_keep_their_place_in_priority_order(build):
     s.add(make_request(200, rid="w200"))
     order = [r.request_id for r in s._prefill_order([s.get("p70")], 0.2)]
     assert order == ["w5", "p70", "w50", "p100", "w200"]
+
+
+def test_config_within_an_iteration_limit_keeps_every_chunk_under_it():
+    config = SchedulerConfig.within(300, max_num_seqs=8, chunk_size=512)
+    assert config.chunk_candidates == (128, 256, 300) and config.chunk_size == 300
+    assert config.low_memory_chunk == 300 and config.max_num_seqs == 8
+    assert SchedulerConfig.within(2048).low_memory_chunk == 512

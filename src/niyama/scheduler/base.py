@@ -42,6 +42,14 @@ class SchedulerConfig:
     decode_sigmas: float = 2.0  # the estimate is mean + this many standard deviations
     relegation_period: float = 1.0  # s between full relegation walks of the queue
 
+    @classmethod
+    def within(cls, max_tokens: int, **kwargs: Any) -> SchedulerConfig:
+        """A config whose iterations never exceed ``max_tokens`` (``niyama serve --max-num-batched-tokens``)."""
+        candidates = tuple(c for c in DEFAULT_CHUNK_CANDIDATES if c < max_tokens) + (max_tokens,)
+        chunk_size = min(kwargs.pop("chunk_size", cls.chunk_size), max_tokens)
+        return cls(chunk_size=chunk_size, chunk_candidates=candidates, low_memory_chunk=min(512, max_tokens),
+                   **kwargs)
+
 
 class Scheduler:
     """Base scheduler: FCFS order with a fixed token budget (Sarathi-Serve). Subclasses override hooks."""

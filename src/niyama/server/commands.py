@@ -7,7 +7,6 @@ import os
 import sys
 
 from niyama.scheduler import SCHEDULERS
-from niyama.scheduler.base import DEFAULT_CHUNK_CANDIDATES
 
 NEEDS_PREDICTOR = ("niyama", "edf")
 
@@ -69,10 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.scheduler in NEEDS_PREDICTOR:
         predictor = load_or_calibrate(runner, name, args.profile, args.max_num_batched_tokens,
                                       args.calibration_batches)
-    limit = args.max_num_batched_tokens
-    candidates = tuple(c for c in DEFAULT_CHUNK_CANDIDATES if c < limit) + (limit,)
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, chunk_size=min(args.chunk_size, limit),
-                            chunk_candidates=candidates, low_memory_chunk=min(512, limit))
+    sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                                   chunk_size=args.chunk_size)
     core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor)
     engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
     state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
