@@ -9,20 +9,14 @@ tokens, EOS ignored) submitted at once; then one request alone, timing its decod
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import random
 import time
 
 import torch
+from offline_workload import random_prompts, report, throughput
 
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
 def main() -> None:
@@ -62,19 +56,12 @@ def main() -> None:
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "workload": f"{args.num_requests} x ({args.prompt_len} -> {args.output_len}), ignore EOS",
-        "elapsed_s": round(elapsed, 2),
-        "output_tok_s": round(generated / elapsed, 1),
-        "total_tok_s": round(total / elapsed, 1),
-        "single_stream_decode_tok_s": round(decode_rate, 1),
-        "single_stream_ttft_s": round(single.first_token_time - single.arrival, 3),
+        **throughput(args.num_requests, args.prompt_len, args.output_len, elapsed, generated, total, decode_rate,
+                     single.first_token_time - single.arrival),
         # Other processes on the machine skew every figure: record the 1-minute load around the run.
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
 
 
 if __name__ == "__main__":

