@@ -156,7 +156,7 @@ def main() -> None:
                "--profile", str(profile)]
 
         def run_ours(name=name, cmd=cmd, overload_rate=overload_rate) -> dict[str, Any]:
-            with server(cmd, 8100, work / f"server-{name}.log", {"OMP_WAIT_POLICY": "PASSIVE"}) as url:
+            with server(cmd, 8100, work / f"server-{name}.log") as url:
                 return measure(name, url, "niyama", predicted[name]["capacity"], overload_rate, args, classes, work)
 
         live[name] = cached(work / f"live-{name}.json", run_ours)

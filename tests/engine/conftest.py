@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-# Passive OpenMP waits: spinning worker threads collapse throughput when other processes share the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

@@ -50,7 +50,7 @@ def _free_port() -> int:
 def serve(cache_dir: Path, *args: str, timeout: float = 600.0) -> Iterator[Server]:
     """Start ``niyama serve`` in a subprocess, wait for /health, stop it at exit."""
     port = _free_port()
-    env = {**os.environ, "NIYAMA_CACHE_DIR": str(cache_dir), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "NIYAMA_CACHE_DIR": str(cache_dir)}
     log = (cache_dir / f"server-{port}.log").open("w")
     cmd = [sys.executable, "-m", "niyama.cli", "serve", "--port", str(port), "--calibration-batches", "12",
            "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--qos-config", str(QOS_CONFIG), *args]

@@ -44,9 +44,7 @@ def rope_inv_freq(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 (as transformers does); the result has the weight's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(weight.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(weight.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -54,6 +52,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+RESCORED = 32  # candidates per row whose logits a small bf16 batch recomputes in float32
 
 
 class Linear:
@@ -104,6 +105,9 @@ class LlamaModel:
         # creates ties and flips the top token at close calls.
         head = state["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
         self.lm_head = head.to(device=device, dtype=torch.float32).contiguous()
+        # Decode steps are bound by reading weights, and the float32 head is the largest single read:
+        # small batches take bf16 logits first and recompute only their top candidates in float32.
+        self.lm_head_low = head.to(device=device, dtype=dtype).contiguous() if dtype == torch.bfloat16 else None
         self.norm = state["model.norm.weight"].to(device=device, dtype=torch.float32)
         self.layers = []
         for i in range(config.num_layers):
@@ -142,10 +146,10 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed).float()
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-            q, k, v = layer.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
-            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            qkv = layer.qkv(x)
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(num_tokens, -1, cfg.head_dim), cos, sin)
+            q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+            v = qkv[:, q_size + kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache.layer(i)
             write_kv(k_cache, v_cache, k, v, meta)
             h = h + layer.o(paged_attention(q, k, v, k_cache, v_cache, meta))
@@ -155,5 +159,16 @@ class LlamaModel:
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` for selected rows of ``forward``'s output."""
-        return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head)
+        """Float32 logits ``[N, vocab]`` for selected rows of ``forward``'s output.
+
+        For batches of at most ``Linear.SMALL_BATCH`` rows in bf16, only the ``RESCORED`` highest logits
+        of each row are exact; the rest carry bf16 rounding (about 0.4%), which moves no greedy choice and
+        only the far tail of a sampled distribution.
+        """
+        x = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        if self.lm_head_low is None or x.shape[0] > Linear.SMALL_BATCH:
+            return F.linear(x, self.lm_head)
+        logits = F.linear(x.to(self.dtype), self.lm_head_low).float()
+        top = logits.topk(RESCORED, dim=-1).indices
+        exact = torch.einsum("nkd,nd->nk", self.lm_head[top], x)
+        return logits.scatter_(1, top, exact)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from niyama.scheduler import SCHEDULERS
@@ -41,7 +40,6 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads hurt when cores are shared
     import uvicorn
 
     from niyama.engine.config import EngineConfig
