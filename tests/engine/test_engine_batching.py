@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
+from niyama.engine.model_runner import decode_groups
 from tests.engine.helpers import drive, make_request
 
 NUM_TOKENS = 16
@@ -40,3 +41,21 @@ def test_mixed_chunk_sizes_in_one_batch(runner32, long_prompt, prompt_ids, alone
     requests = [make_request("a", long_prompt, NUM_TOKENS)] + [
         make_request(f"o{i}", prompt_ids[i], NUM_TOKENS) for i in range(3)]
     assert drive(runner32, requests, chunk=5)["a"] == alone
+
+
+def test_decode_groups_split_only_far_apart_lengths():
+    assert decode_groups([]) == []
+    assert decode_groups([500] * 4) == [(0, 4)]
+    assert decode_groups([250, 200, 100, 1]) == [(0, 4)]  # short gaps: padding is cheaper than a group
+    assert decode_groups([2000, 1000, 990, 10]) == [(0, 1), (1, 3), (3, 4)]
+
+
+def test_decodes_far_apart_in_length_attend_in_groups(runner32, long_prompt, prompt_ids, alone):
+    """A 700-token context decodes beside the ~50-token target: separate attention groups, same tokens."""
+    longest = (prompt_ids[3] * 40)[:700]
+    lengths = [len(longest), len(long_prompt), len(prompt_ids[1])]
+    assert len(decode_groups(sorted(lengths, reverse=True))) > 1
+    out = drive(runner32, [make_request("long", longest, NUM_TOKENS), make_request("a", long_prompt, NUM_TOKENS),
+                           make_request("s", prompt_ids[1], NUM_TOKENS)])
+    assert out["a"] == alone
+    assert out["long"] == drive(runner32, [make_request("long", longest, NUM_TOKENS)])["long"]

@@ -3,9 +3,11 @@
 The batch's tokens are ordered with all single-token chunks (decodes) first, then multi-token prefill
 chunks. Each layer first writes the batch's new keys/values into their cache slots, then:
 
-- single-token chunks attend together: their blocks are gathered into a padded
-  ``[kv_heads, B, max_context, head_dim]`` tensor and one SDPA call runs with a length mask; the query
-  heads sharing a KV head form the "query length" axis, so grouped-query attention needs no copies;
+- single-token chunks attend in groups of similar context length (sorted longest first): each group's
+  blocks are gathered into a padded ``[kv_heads, B, max_context, head_dim]`` tensor and one SDPA call
+  runs with a length mask; the query heads sharing a KV head form the "query length" axis, so
+  grouped-query attention needs no copies. Grouping keeps the padding, and so the cost, close to the sum
+  of the contexts rather than ``B`` times the longest one;
 - each prefill chunk attends on its own: a chunk that starts a prompt uses its fresh keys with a
   causal mask, a continuation gathers its earlier context from the cache and uses an offset causal mask.
 """
@@ -27,12 +29,18 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    row: int  # first row of the group's single-token chunks
+    size: int  # number of single-token chunks (B)
+    blocks: torch.Tensor  # [B * max_blocks] padded block tables
+    mask: torch.Tensor  # [1, B, 1, max_blocks * block_size] bool, True = attend
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block of each new token
     slot_offsets: torch.Tensor  # [T] offset inside that block
-    num_decodes: int  # rows [0, num_decodes) are single-token chunks
-    decode_blocks: torch.Tensor | None  # [B * max_blocks] padded block tables of the single-token chunks
-    decode_mask: torch.Tensor | None  # [1, B, 1, max_blocks * block_size] bool
+    decodes: list[DecodeGroup]  # covering rows [0, number of single-token chunks)
     prefills: list[PrefillChunk]
 
 
@@ -58,13 +66,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     out = q.new_empty(num_tokens, num_heads * head_dim)
-    b = meta.num_decodes
-    if b:
-        keys = _gather(k_cache, meta.decode_blocks).view(kv_heads, b, -1, head_dim)
-        values = _gather(v_cache, meta.decode_blocks).view(kv_heads, b, -1, head_dim)
-        query = q[:b].view(b, kv_heads, group, head_dim).transpose(0, 1)
-        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask)
-        out[:b] = o.transpose(0, 1).reshape(b, num_heads * head_dim)
+    for dg in meta.decodes:
+        b, rows = dg.size, slice(dg.row, dg.row + dg.size)
+        keys = _gather(k_cache, dg.blocks).view(kv_heads, b, -1, head_dim)
+        values = _gather(v_cache, dg.blocks).view(kv_heads, b, -1, head_dim)
+        query = q[rows].view(b, kv_heads, group, head_dim).transpose(0, 1)
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=dg.mask)
+        out[rows] = o.transpose(0, 1).reshape(b, num_heads * head_dim)
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.length)
         query = q[rows].transpose(0, 1)

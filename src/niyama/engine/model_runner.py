@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from niyama.engine.attention import AttentionMetadata, PrefillChunk
+from niyama.engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from niyama.engine.config import EngineConfig, ModelConfig, resolve_dtype
 from niyama.engine.kv_cache import KVCache, num_kv_blocks
 from niyama.engine.model import LlamaModel
@@ -20,6 +20,25 @@ from niyama.engine.weights import load_weights
 from niyama.request import Request
 
 Chunk = tuple[Request, int]
+
+# A decode joins the current attention group (padded to the group's longest context) unless it is both
+# much shorter than that context and shorter by more than a group's fixed cost in padded positions.
+GROUP_RATIO = 0.7
+GROUP_MIN_GAP = 256
+
+
+def decode_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges over context ``lengths`` sorted longest first."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i, n in enumerate(lengths):
+        longest = lengths[start]
+        if n < GROUP_RATIO * longest and longest - n > GROUP_MIN_GAP:
+            groups.append((start, i))
+            start = i
+    if lengths:
+        groups.append((start, len(lengths)))
+    return groups
 
 
 @dataclass(slots=True)
@@ -86,7 +105,8 @@ class ModelRunner:
 
     def prepare(self, chunks: Sequence[Chunk]) -> PreparedBatch:
         """Flattened token ids, positions, attention metadata and the rows/requests that sample."""
-        chunks = [c for c in chunks if c[1] == 1] + [c for c in chunks if c[1] > 1]
+        decodes = sorted((c for c in chunks if c[1] == 1), key=lambda c: -c[0].num_computed_tokens)
+        chunks = decodes + [c for c in chunks if c[1] > 1]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -118,22 +138,21 @@ class ModelRunner:
                 mask = (torch.arange(end, device=self.device)[None, :]
                         <= torch.arange(start, end, device=self.device)[:, None])
                 prefills.append(PrefillChunk(row, n, blocks, mask))
-        decode_blocks = decode_mask = None
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            decode_blocks = torch.tensor(padded, device=self.device).flatten()
-            lengths = torch.tensor(decode_lengths, device=self.device)
-            decode_mask = (torch.arange(width * bs, device=self.device)[None, :] < lengths[:, None])
-            decode_mask = decode_mask.view(1, len(decode_tables), 1, width * bs)
         pos = torch.tensor(positions, device=self.device)
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, device=self.device),
             slot_offsets=pos % bs,
-            num_decodes=len(decode_tables),
-            decode_blocks=decode_blocks,
-            decode_mask=decode_mask,
+            decodes=[self._decode_group(start, decode_tables[start:stop], decode_lengths[start:stop])
+                     for start, stop in decode_groups(decode_lengths)],
             prefills=prefills,
         )
         return PreparedBatch(torch.tensor(input_ids, device=self.device), pos, meta,
                              torch.tensor(sample_rows, device=self.device), samplers)
+
+    def _decode_group(self, row: int, tables: list[list[int]], lengths: list[int]) -> DecodeGroup:
+        """Padded block tables and length mask of single-token chunks attending together."""
+        width = max(len(t) for t in tables)
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device).flatten()
+        slots = width * self.block_size
+        mask = torch.arange(slots, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        return DecodeGroup(row, len(tables), blocks, mask.view(1, len(tables), 1, slots))
