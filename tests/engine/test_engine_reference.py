@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from niyama.engine import SamplingParams, default_model_path
-from niyama.engine.model import RESCORED
+from niyama.engine.model import RESCORED, Linear
 from niyama.memory import KVBlockManager
 from tests.engine.helpers import make_request, make_runner
 
@@ -73,7 +73,7 @@ def test_bf16_top1_agrees_with_fp32(weights, engine32, prompt_ids):
 
 
 def test_bf16_small_batch_logits_are_exact_at_the_top(weights, prompt_ids):
-    """Batches of <= 4 rows take bf16 logits and recompute their top candidates in float32: the
+    """Batches of at most Linear.SMALL_BATCH rows take bf16 logits and recompute their top candidates in float32: the
     candidates match the all-float32 head of larger batches, and the tail stays within bf16 rounding."""
     runner = make_runner(weights, torch.bfloat16, 64 << 20)
     kv = KVBlockManager(runner.num_blocks, runner.block_size)
@@ -82,8 +82,8 @@ def test_bf16_small_batch_logits_are_exact_at_the_top(weights, prompt_ids):
     with torch.inference_mode():
         batch = runner.prepare([(r, r.num_tokens)])
         hidden = runner.model.forward(batch.input_ids, batch.positions, batch.meta, runner.kv_cache)
-        exact = runner.model.logits(hidden[-8:])  # > 4 rows: float32 head throughout
-        for rows in (1, 4):
+        exact = runner.model.logits(hidden[-8:])  # more rows: float32 head throughout
+        for rows in (1, Linear.SMALL_BATCH):
             fast = runner.model.logits(hidden[-rows:])
             top = exact[-rows:].topk(RESCORED // 2, dim=-1).indices
             torch.testing.assert_close(fast.gather(1, top), exact[-rows:].gather(1, top), rtol=0, atol=1e-4)
