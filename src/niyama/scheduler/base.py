@@ -205,8 +205,17 @@ class Scheduler:
         for r in requests:
             r.relegated = True
         self.waiting = [w for w in self.waiting if not w[2].relegated]
-        for r in requests:
-            if r.status is not RequestStatus.RUNNING:
+        queued = [r for r in requests if r.status is not RequestStatus.RUNNING]
+        size = len(self.relegated) + len(queued)
+        if len(queued) * size.bit_length() > size:
+            # Many at once (a full queue's first walk): one stable sort costs fewer key calls than
+            # binary insertions, and orders ties the same way (earlier entries first).
+            for r in queued:
+                r.status = RequestStatus.RELEGATED
+            self.relegated += queued
+            self.relegated.sort(key=self.relegated_key)
+        else:
+            for r in queued:
                 self._enqueue(r)
 
     def _victim_key(self, request: Request) -> tuple[bool, int, float]:

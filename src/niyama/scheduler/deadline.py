@@ -22,6 +22,8 @@ from niyama.request import FinishReason, Request
 from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
 from niyama.scheduler.batch import Batch
 
+LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
+
 
 class DeadlineScheduler(Scheduler):
     name = "niyama"
@@ -32,9 +34,9 @@ class DeadlineScheduler(Scheduler):
         super().__init__(config, kv, predictor)
         # Time of one typical iteration, used to turn an estimated decode length into seconds.
         self.iteration_time = predictor.predict(config.chunk_size, 0) if predictor else 0.05
-        # (prefill tokens, prefill deadline) of each waiting request, fixed while it waits: the
-        # relegation walk visits the whole queue, so it must not recompute these.
-        self._plan: dict[Request, tuple[int, float]] = {}
+        # (prefill tokens, prefill deadline, importance) of each waiting request, fixed while it waits:
+        # the relegation walk visits the whole queue, so it must not recompute these.
+        self._plan: dict[Request, tuple[int, float, Importance]] = {}
         # Estimated prefill throughput (tokens/s): a moving average over iterations that had more
         # prefill work than budget, priced by the predictor (so it stays pure and deterministic).
         self.prefill_rate = config.chunk_size / self.iteration_time
@@ -64,8 +66,11 @@ class DeadlineScheduler(Scheduler):
         return request.deadline + alpha * work
 
     def waiting_key(self, request: Request) -> SortKey:
-        self._plan[request] = (request.prefill_remaining, self.prefill_deadline(request))
+        self._plan[request] = self._plan_entry(request)
         return self._priority(request)
+
+    def _plan_entry(self, request: Request) -> tuple[int, float, Importance]:
+        return request.prefill_remaining, self.prefill_deadline(request), request.qos.importance
 
     def running_key(self, request: Request, now: float) -> SortKey:
         return self._priority(request)
@@ -142,16 +147,16 @@ class DeadlineScheduler(Scheduler):
         demoted: list[Request] = []
         plan = self._plan
         for i, r in enumerate(candidates):
-            work, deadline = plan.get(r) or (r.prefill_remaining, self.prefill_deadline(r))
+            work, deadline, level = plan.get(r) or self._plan_entry(r)
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
                 demoted.append(r)
                 continue
             t += dt
             if heaps:
-                heapq.heappush(ahead[r.qos.importance], (-dt, -i, r))
+                heapq.heappush(ahead[level], (-dt, -i, r))
             else:
-                ahead[r.qos.importance].append((-dt, -i, r))
+                ahead[level].append((-dt, -i, r))
             if t > deadline:
                 if not heaps:
                     for level in ahead.values():
@@ -165,7 +170,7 @@ class DeadlineScheduler(Scheduler):
                    ahead: dict[Importance, list[tuple[float, int, Request]]], demoted: list[Request]) -> float:
         """Pick kept requests to relegate (into ``demoted``), least important level first and the largest
         first within a level, until ``t`` meets ``deadline``; returns the new finish time."""
-        for level in sorted(Importance, reverse=True):
+        for level in LEAST_IMPORTANT_FIRST:
             if level < importance:
                 break
             heap = ahead[level]
@@ -178,7 +183,7 @@ class DeadlineScheduler(Scheduler):
     def admissible(self, request: Request, now: float) -> bool:
         if not self.config.relegation:
             return True
-        work, deadline = self._plan.get(request) or (request.prefill_remaining, self.prefill_deadline(request))
+        work, deadline, _ = self._plan.get(request) or self._plan_entry(request)
         return now + work / self.prefill_rate <= deadline
 
 
