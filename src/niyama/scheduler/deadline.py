@@ -159,10 +159,10 @@ class DeadlineScheduler(Scheduler):
                 ahead[level].append((-dt, -i, r))
             if t > deadline:
                 if not heaps:
-                    for level in ahead.values():
-                        heapq.heapify(level)
+                    for kept in ahead.values():
+                        heapq.heapify(kept)
                     heaps = True
-                t = self._make_room(t, deadline, r.qos.importance, ahead, demoted)
+                t = self._make_room(t, deadline, level, ahead, demoted)
         self._relegate(demoted)
         return [r for r in candidates if not r.relegated]
 
