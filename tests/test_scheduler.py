@@ -106,7 +106,7 @@ def test_relegation_drops_sheddable_before_standard_before_critical(build):
     for i, (rid, imp) in enumerate(order):
         s.add(make_request(prompt, arrival=-2.5 + i * 1e-3, importance=imp, rid=rid))
     s.schedule(0.0)
-    relegated = {r.request_id for r in s.relegated} | {r.request_id for r in s.running if r.relegated}
+    relegated = {r.request_id for _, _, r in s.relegated} | {r.request_id for r in s.running if r.relegated}
     assert relegated == {"shed", "shed-2"}
 
 
@@ -118,7 +118,7 @@ def test_relegation_sheds_the_largest_request_of_a_level(build):
     for i, (rid, seconds) in enumerate([("small-1", 0.5), ("big", 2.0), ("small-2", 0.5), ("small-3", 0.5)]):
         s.add(make_request(int(rate * seconds), arrival=-3.8 + i * 1e-3, rid=rid))
     s.schedule(0.0)
-    assert [r.request_id for r in s.relegated] == ["big"]
+    assert [r.request_id for _, _, r in s.relegated] == ["big"]
 
 
 def test_hopeless_request_is_relegated_but_still_completes(build):

@@ -56,6 +56,9 @@ class Request:
     max_lateness: float = float("-inf")  # worst (emit time - cumulative deadline) over all tokens
     num_late_tokens: int = 0
     max_token_gap: float = 0.0
+    # The deadline prefill must meet: TTFT for interactive, TTLT for batch work. Fixed at arrival, and
+    # stored because the scheduler reads it for every queued request.
+    deadline: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:
@@ -64,6 +67,7 @@ class Request:
             raise ValueError("max_tokens must be at least 1")
         if self.prompt_token_ids and len(self.prompt_token_ids) != self.num_prompt_tokens:
             raise ValueError("num_prompt_tokens does not match prompt_token_ids")
+        self.deadline = self.qos.first_token_deadline(self.arrival)
 
     # -- progress ------------------------------------------------------------------------------
     @property
@@ -103,11 +107,6 @@ class Request:
         return head + self.output_token_ids[max(start - n, 0):max(end - n, 0)]
 
     # -- deadlines -----------------------------------------------------------------------------
-    @property
-    def deadline(self) -> float:
-        """The deadline prefill must meet: TTFT for interactive, TTLT for batch work."""
-        return self.qos.first_token_deadline(self.arrival)
-
     @property
     def next_token_deadline(self) -> float:
         return self.qos.token_deadline(self.arrival, len(self.output_token_ids) + 1)

@@ -13,6 +13,7 @@ from bisect import insort
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import count
+from operator import itemgetter
 from typing import Any, ClassVar
 
 from niyama.memory import KVBlockManager
@@ -61,9 +62,10 @@ class Scheduler:
         self.kv = kv
         self.predictor = predictor
         self.decode_lengths = DecodeLengthEstimator(config.decode_prior, config.decode_sigmas)
-        self.waiting: list[tuple[SortKey, int, Request]] = []  # sorted by static priority key
+        # Queues of (key, arrival sequence, request), sorted: the key, then the sequence, order them.
+        self.waiting: list[tuple[SortKey, int, Request]] = []  # by the policy's waiting_key
+        self.relegated: list[tuple[SortKey, int, Request]] = []  # by relegated_key
         self.running: list[Request] = []  # hold KV blocks: partial prefills and decodes
-        self.relegated: list[Request] = []
         self.num_preemptions = 0
         self._seq = count()
         self._by_id: dict[str, Request] = {}
@@ -104,10 +106,25 @@ class Scheduler:
 
     def _enqueue(self, request: Request) -> None:
         if request.relegated:
-            request.status = RequestStatus.RELEGATED
-            insort(self.relegated, request, key=self.relegated_key)
+            self._enqueue_relegated([request])
         else:
             insort(self.waiting, (self.waiting_key(request), next(self._seq), request))
+
+    def _enqueue_relegated(self, requests: list[Request]) -> None:
+        entries = [(self.relegated_key(r), next(self._seq), r) for r in requests]
+        for r in requests:
+            r.status = RequestStatus.RELEGATED
+        size = len(self.relegated) + len(entries)
+        if len(entries) * size.bit_length() > size:  # many at once (a full queue's first walk): one sort
+            self.relegated += entries
+            self.relegated.sort()
+        else:
+            for entry in entries:
+                insort(self.relegated, entry)
+
+    @staticmethod
+    def _dequeue(queue: list[tuple[SortKey, int, Request]], request: Request) -> None:
+        del queue[next(i for i, entry in enumerate(queue) if entry[2] is request)]
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
@@ -133,10 +150,8 @@ class Scheduler:
             return
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request.status is RequestStatus.RELEGATED:
-            self.relegated.remove(request)
         else:
-            self.waiting = [w for w in self.waiting if w[2] is not request]
+            self._dequeue(self.relegated if request.status is RequestStatus.RELEGATED else self.waiting, request)
         self.kv.free(request)
         request.finish_reason = reason
         request.finish_time = now
@@ -171,8 +186,10 @@ class Scheduler:
             budget = self._fill_prefills(batch, candidates, budget, now, admit)
             if budget > 0:
                 started = [r for r in self.running if r.relegated and not r.is_decoding]
-                pool = sorted(self.relegated + started, key=self.relegated_key) if started else self.relegated
-                self._fill_prefills(batch, pool, budget, now, admit)
+                pool = self.relegated
+                if started:
+                    pool = sorted(pool + [(self.relegated_key(r), next(self._seq), r) for r in started])
+                self._fill_prefills(batch, map(itemgetter(2), pool), budget, now, admit)
             if batch or not self.running:
                 return batch
             # Every running request is a stalled partial prefill and KV is full: free one, and let the
@@ -195,8 +212,7 @@ class Scheduler:
             yield r
         if head is not None:
             yield head[2]
-            for _, _, w in waiting:
-                yield w
+            yield from map(itemgetter(2), waiting)
 
     def _relegate(self, requests: list[Request]) -> None:
         """Move requests to the relegated queue (running ones keep their KV and stay where they are)."""
@@ -205,18 +221,7 @@ class Scheduler:
         for r in requests:
             r.relegated = True
         self.waiting = [w for w in self.waiting if not w[2].relegated]
-        queued = [r for r in requests if r.status is not RequestStatus.RUNNING]
-        size = len(self.relegated) + len(queued)
-        if len(queued) * size.bit_length() > size:
-            # Many at once (a full queue's first walk): one stable sort costs fewer key calls than
-            # binary insertions, and orders ties the same way (earlier entries first).
-            for r in queued:
-                r.status = RequestStatus.RELEGATED
-            self.relegated += queued
-            self.relegated.sort(key=self.relegated_key)
-        else:
-            for r in queued:
-                self._enqueue(r)
+        self._enqueue_relegated([r for r in requests if r.status is not RequestStatus.RUNNING])
 
     def _victim_key(self, request: Request) -> tuple[bool, int, float]:
         """Largest = preempted first: relegated, then least important, then latest arrival."""
@@ -267,10 +272,7 @@ class Scheduler:
         return budget
 
     def _start(self, request: Request, now: float) -> None:
-        if request.status is RequestStatus.RELEGATED:
-            self.relegated.remove(request)
-        else:
-            self.waiting.remove(next(w for w in self.waiting if w[2] is request))
+        self._dequeue(self.relegated if request.status is RequestStatus.RELEGATED else self.waiting, request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now

@@ -139,46 +139,44 @@ class DeadlineScheduler(Scheduler):
         self._next_walk = now + self.config.relegation_period
         candidates = list(candidates)  # walked twice: once to decide, once to drop the relegated
         inv_rate = 1.0 / self.prefill_rate
+        n = len(candidates)
         t = now
-        # Per importance level, the requests kept so far: a plain list until the first miss, then a
-        # max-heap by prefill time (most walks find no miss, and appends are cheaper than pushes).
-        ahead: dict[Importance, list[tuple[float, int, Request]]] = {i: [] for i in Importance}
+        # Per importance level, the requests kept so far as max-heaps by prefill work, later position
+        # first on ties. An entry is one int, -(work × n + position), because ints compare much faster
+        # than tuples. Until the first miss they are plain lists (appends are cheaper than pushes).
+        ahead: dict[Importance, list[int]] = {i: [] for i in Importance}
+        least_important_first = [(level, ahead[level]) for level in LEAST_IMPORTANT_FIRST]
         heaps = False
         demoted: list[Request] = []
         plan = self._plan
         for i, r in enumerate(candidates):
-            work, deadline, level = plan.get(r) or self._plan_entry(r)
+            work, deadline, importance = plan.get(r) or self._plan_entry(r)
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
                 demoted.append(r)
                 continue
             t += dt
             if heaps:
-                heapq.heappush(ahead[level], (-dt, -i, r))
+                heapq.heappush(ahead[importance], -(work * n + i))
             else:
-                ahead[level].append((-dt, -i, r))
-            if t > deadline:
-                if not heaps:
-                    for kept in ahead.values():
-                        heapq.heapify(kept)
-                    heaps = True
-                t = self._make_room(t, deadline, level, ahead, demoted)
+                ahead[importance].append(-(work * n + i))
+            if t <= deadline:
+                continue
+            if not heaps:
+                for kept in ahead.values():
+                    heapq.heapify(kept)
+                heaps = True
+            # Make room: relegate kept requests, least important level first and the largest first
+            # within a level, until this one meets its deadline.
+            for level, heap in least_important_first:
+                if level < importance or t <= deadline:
+                    break
+                while heap and t > deadline:
+                    victim_work, victim = divmod(-heapq.heappop(heap), n)
+                    demoted.append(candidates[victim])
+                    t -= victim_work * inv_rate
         self._relegate(demoted)
         return [r for r in candidates if not r.relegated]
-
-    def _make_room(self, t: float, deadline: float, importance: Importance,
-                   ahead: dict[Importance, list[tuple[float, int, Request]]], demoted: list[Request]) -> float:
-        """Pick kept requests to relegate (into ``demoted``), least important level first and the largest
-        first within a level, until ``t`` meets ``deadline``; returns the new finish time."""
-        for level in LEAST_IMPORTANT_FIRST:
-            if level < importance:
-                break
-            heap = ahead[level]
-            while heap and t > deadline:
-                neg_dt, _, victim = heapq.heappop(heap)
-                demoted.append(victim)
-                t += neg_dt
-        return t
 
     def admissible(self, request: Request, now: float) -> bool:
         if not self.config.relegation:
