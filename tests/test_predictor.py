@@ -56,3 +56,11 @@ def test_builtin_profile_and_errors():
         BatchTimePredictor.load("h100-nope")
     with pytest.raises(ValueError, match="6 profile rows"):
         BatchTimePredictor.fit([BatchShape(1, 0)], [0.1])
+
+
+def test_scaled_predictor_multiplies_every_prediction_and_records_the_scale():
+    base = BatchTimePredictor([0.01, 1e-4, 2e-5, 0, 1e-7, 3e-8], [0.02, 2e-4, 0, 1e-5, 0, 1e-7])
+    slower = base.scaled(1.5).scaled(2.0)
+    for shape in [(10, 0, 0, 10), (0, 8, 900, 0), (700, 30, 5000, 900)]:
+        assert slower.predict(*shape) == pytest.approx(3.0 * base.predict(*shape))
+    assert slower.meta["scale"] == pytest.approx(3.0)

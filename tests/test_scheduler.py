@@ -79,6 +79,19 @@ def test_dynamic_chunk_is_largest_candidate_within_slack(build, slack, expected)
     assert s.token_budget([r], now) == expected
 
 
+def test_rescaled_predictor_shrinks_the_chunk_and_the_prefill_rate(build):
+    # Slack 0.2 s fits 1536 tokens at (0.01 + 1e-4/token) × 1.2 safety; twice as slow, ≤ 733 fit → 512.
+    profile = linear_predictor(0.01, 1e-4)
+    s = build("niyama", predictor=profile, relegation=False)
+    r = _decoding(s, "d", arrival=0.0, now=0.0)
+    now = r.next_token_deadline - 0.2
+    rate, iteration = s.prefill_rate, s.iteration_time
+    assert s.token_budget([r], now) == 1536
+    s.set_predictor(profile.scaled(2.0))
+    assert s.token_budget([r], now) == 512
+    assert s.iteration_time == pytest.approx(2 * iteration) and s.prefill_rate == pytest.approx(rate / 2)
+
+
 def test_dynamic_chunk_without_decodes_and_under_memory_pressure(build):
     s = build("niyama", num_blocks=100, block_size=16, relegation=False)
     assert s.token_budget([], 0.0) == 2552

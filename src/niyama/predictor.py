@@ -57,6 +57,12 @@ class BatchTimePredictor:
         return self.predict(shape.num_prefill_tokens, shape.num_decode_tokens, shape.decode_ctx,
                             shape.prefill_ctx)
 
+    def scaled(self, factor: float) -> BatchTimePredictor:
+        """The same model on hardware ``factor`` times slower: every coefficient multiplied."""
+        meta = {**self.meta, "scale": self.meta.get("scale", 1.0) * factor}
+        return BatchTimePredictor([c * factor for c in self.small], [c * factor for c in self.large], self.split,
+                                  meta)
+
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], split: int = 512,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from niyama.engine.model_runner import ModelRunner
 from niyama.engine.sampler import SamplingParams
+from niyama.engine.served_scale import ServedScale
 from niyama.engine.tokenizer import Tokenizer
 from niyama.memory import KVBlockManager
 from niyama.predictor import BatchTimePredictor
@@ -37,6 +38,7 @@ class IterationStats:
     num_prefill_tokens: int
     num_decode_tokens: int
     seconds: float
+    batch_time_scale: float | None  # measured / profiled batch time (None: no predictor)
 
 
 @dataclass(slots=True)
@@ -72,11 +74,14 @@ class _Detokenizer:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: str = "niyama",
-                 config: SchedulerConfig | None = None, predictor: BatchTimePredictor | None = None):
+                 config: SchedulerConfig | None = None, predictor: BatchTimePredictor | None = None,
+                 online_calibration: bool = True):
+        """``online_calibration``: rescale the predictor to the batch times measured while serving."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.kv = KVBlockManager(runner.num_blocks, runner.block_size)
         self.scheduler: Scheduler = make_scheduler(scheduler, config or SchedulerConfig(), self.kv, predictor)
+        self.served_scale = ServedScale(predictor) if predictor is not None and online_calibration else None
         self.eos_token_ids = tokenizer.eos_token_ids | set(runner.config.eos_token_ids)
         self.last_iteration: IterationStats | None = None
         self._detok: dict[str, _Detokenizer] = {}
@@ -112,9 +117,17 @@ class EngineCore:
         if not batch:
             self.last_iteration = None
             return []
+        shape = batch.shape()
+        executed = time.monotonic()
         sampled = self.runner.execute(batch.chunks, self._params)
         now = time.monotonic()
-        self.last_iteration = IterationStats(batch.num_prefill_tokens, len(batch.decodes), now - start)
+        scale = None
+        if self.served_scale is not None:
+            rescaled = self.served_scale.observe(shape, now - executed)
+            if rescaled is not None:
+                self.scheduler.set_predictor(rescaled)
+            scale = self.served_scale.scale
+        self.last_iteration = IterationStats(batch.num_prefill_tokens, len(batch.decodes), now - start, scale)
         finished = {r.request_id for r in self.scheduler.update(batch, now, sampled)}
         outputs = []
         for request, _ in batch.chunks:

@@ -94,6 +94,10 @@ class Scheduler:
     def relegated_key(self, request: Request) -> tuple[int, float]:
         return (request.qos.importance, request.deadline)
 
+    def set_predictor(self, predictor: BatchTimePredictor) -> None:
+        """Use a new batch-time predictor from the next decision on (the live engine's rescaled profile)."""
+        self.predictor = predictor
+
     # -- queue management ----------------------------------------------------------------------
     def add(self, request: Request) -> None:
         if request.request_id in self._by_id:

@@ -43,6 +43,12 @@ class DeadlineScheduler(Scheduler):
         self._budget = config.chunk_size
         self._next_walk = float("-inf")
 
+    def set_predictor(self, predictor: BatchTimePredictor) -> None:
+        old_iteration = self.iteration_time
+        super().set_predictor(predictor)
+        self.iteration_time = predictor.predict(self.config.chunk_size, 0)
+        self.prefill_rate *= old_iteration / self.iteration_time  # the same hardware change, applied at once
+
     # -- ordering ------------------------------------------------------------------------------
     def decode_estimate(self, request: Request) -> float:
         """Estimated output tokens still to come (the true length is unknown)."""

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
     p.add_argument("--calibration-batches", type=int, default=24, help="batches profiled when calibrating")
+    p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
+                   help="keep the profile's batch times as they are (default: scale them to the median "
+                   "measured / predicted ratio of recent iterations, exported as niyama:batch_time_scale)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -68,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       args.calibration_batches)
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
-    core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor)
+    core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration)
     engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
     state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
     print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",

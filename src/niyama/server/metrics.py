@@ -33,6 +33,8 @@ class Metrics:
         self.running = gauge("num_requests_running", "Requests holding KV blocks")
         self.waiting = gauge("num_requests_waiting", "Requests queued, not relegated")
         self.relegated = gauge("num_requests_relegated", "Requests relegated (cannot meet their deadline)")
+        self.batch_time_scale = gauge("batch_time_scale", "Measured / profiled batch time, median of recent "
+                                      "iterations; the scheduler's predictor is the profile times this")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1)")
         self.preemptions = Counter("niyama:num_preemptions", "Recompute preemptions", list(labels),
                                    registry=r).labels(**labels)
@@ -47,6 +49,8 @@ class Metrics:
         self.iteration.observe(stats.seconds)
         self.chunk.observe(stats.num_prefill_tokens)
         self.batch_tokens.observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        if stats.batch_time_scale is not None:
+            self.batch_time_scale.set(stats.batch_time_scale)
 
     def observe_state(self, running: int, waiting: int, relegated: int, kv_usage: float,
                       preemptions: int) -> None:
