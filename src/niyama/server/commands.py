@@ -37,8 +37,8 @@ def register(subparsers) -> None:
                    "and model, run at start-up when missing")
     p.add_argument("--calibration-batches", type=int, default=24, help="batches profiled when calibrating")
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
-                   help="keep the profile's batch times as they are (default: scale them to the median "
-                   "measured / predicted ratio of recent iterations, exported as niyama:batch_time_scale)")
+                   help="keep the profile's batch times as they are (default: scale them by measured / "
+                   "predicted time of recent iterations, exported as niyama:batch_time_scale)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -33,7 +33,7 @@ class Metrics:
         self.running = gauge("num_requests_running", "Requests holding KV blocks")
         self.waiting = gauge("num_requests_waiting", "Requests queued, not relegated")
         self.relegated = gauge("num_requests_relegated", "Requests relegated (cannot meet their deadline)")
-        self.batch_time_scale = gauge("batch_time_scale", "Measured / profiled batch time, median of recent "
+        self.batch_time_scale = gauge("batch_time_scale", "Measured / profiled batch time over recent "
                                       "iterations; the scheduler's predictor is the profile times this")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1)")
         self.preemptions = Counter("niyama:num_preemptions", "Recompute preemptions", list(labels),
