@@ -282,8 +282,9 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, Any], predicte
                  f"times measured while serving, is off by {error(predicted_served):.0%} (target ≤ 20%): "
                  f"{check(error(predicted_served) <= 0.2)}. From the profile as measured with the engine alone: "
                  f"off by {error(predicted):.0%}.")
-    lines.append("- Each capacity rests on single 120 s points (about 80 requests per class), and points at the same "
-                 "rate can differ by several percent of violations: read ratios with the caveats in "
+    lines.append(f"- Each capacity rests on single {args.duration:.0f} s points (a few dozen requests per class, so "
+                 "the 1% rule means no late request at all), and points at the same rate can differ by several "
+                 "percent of violations: read ratios with the caveats in "
                  "[benchmarks.md](benchmarks.md#live-evaluation-our-engine-vs-vllm-cpu-issue-5).")
     lines += ["", f"## Overload: {OVERLOAD}× Niyama's capacity", "",
               "| server / scheduler | rate | overall | " + " | ".join(classes) + " | goodput (req/s) | "
