@@ -117,13 +117,12 @@ class EngineCore:
         if not batch:
             self.last_iteration = None
             return []
-        shape = batch.shape()
         executed = time.monotonic()
         sampled = self.runner.execute(batch.chunks, self._params)
         now = time.monotonic()
         scale = None
-        if self.served_scale is not None:
-            rescaled = self.served_scale.observe(shape, now - executed)
+        if self.served_scale is not None:  # the shape before update() advances the requests
+            rescaled = self.served_scale.observe(batch.shape(), now - executed)
             if rescaled is not None:
                 self.scheduler.set_predictor(rescaled)
             scale = self.served_scale.scale
