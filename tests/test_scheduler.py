@@ -134,6 +134,32 @@ def test_relegation_sheds_the_largest_request_of_a_level(build):
     assert [r.request_id for _, _, r in s.relegated] == ["big"]
 
 
+@pytest.mark.parametrize(("margin", "relegated"), [(2.0, {"shed"}), (1.0, set())])
+def test_sheddable_requests_must_fit_with_a_margin(build, margin, relegated):
+    # Two prompts of one second each, both due in 3 s: both fit, but the sheddable one finishes after
+    # half of its time is gone, so with a margin of 2 it leaves that headroom to more important work.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), hybrid_alpha=0.0, sheddable_margin=margin)
+    prompt = int(s.prefill_rate)
+    s.add(make_request(prompt, arrival=-3.0, importance="standard", rid="std"))
+    s.add(make_request(prompt, arrival=-3.0 + 1e-3, importance="sheddable", rid="shed"))
+    s.schedule(0.0)
+    assert {r.request_id for _, _, r in s.relegated} == relegated
+
+
+def test_leftover_budget_goes_to_relegated_requests_that_can_still_make_it(build):
+    # Relegated in key order: a standard request already past its deadline, then a sheddable one
+    # relegated for its margin that can still make it alone. The leftover budget goes to the latter.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), dynamic_chunking=False, chunk_size=64)
+    late = make_request(100, arrival=-10.0, importance="standard", rid="late")
+    viable = make_request(int(s.prefill_rate * 2), arrival=-3.0, importance="sheddable", rid="viable")
+    s.add(late)
+    s.add(viable)
+    batch = s.schedule(0.0)
+    assert [r.request_id for _, _, r in s.relegated] == ["late"]  # "viable" started: it left the queue
+    assert late.relegated and viable.relegated
+    assert prefill_ids(batch) == ["viable"]
+
+
 def test_hopeless_request_is_relegated_but_still_completes(build):
     s = build("niyama", predictor=linear_predictor(0.01, 1e-4))
     hopeless = make_request(50, arrival=-10.0, rid="late")  # TTFT deadline already passed

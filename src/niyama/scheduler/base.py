@@ -42,6 +42,10 @@ class SchedulerConfig:
     decode_prior: int = 128  # decode-length estimate before a class has history
     decode_sigmas: float = 2.0  # the estimate is mean + this many standard deviations
     relegation_period: float = 1.0  # s between full relegation walks of the queue
+    # A sheddable request stays in the normal queue only if its prefill is predicted to end within
+    # 1/sheddable_margin of the time left to its deadline; the rest is headroom for more important work
+    # that has not arrived yet. 1 treats sheddable requests like the others.
+    sheddable_margin: float = 2.0
 
     @classmethod
     def within(cls, max_tokens: int, **kwargs: Any) -> SchedulerConfig:
@@ -93,6 +97,10 @@ class Scheduler:
 
     def relegated_key(self, request: Request) -> tuple[int, float]:
         return (request.qos.importance, request.deadline)
+
+    def relegated_order(self, requests: Iterator[Request], now: float) -> Iterable[Request]:
+        """The order in which relegated requests (sorted by ``relegated_key``) get leftover budget."""
+        return requests
 
     def set_predictor(self, predictor: BatchTimePredictor) -> None:
         """Use a new batch-time predictor from the next decision on (the live engine's rescaled profile)."""
@@ -193,7 +201,7 @@ class Scheduler:
                 pool = self.relegated
                 if started:
                     pool = sorted(pool + [(self.relegated_key(r), next(self._seq), r) for r in started])
-                self._fill_prefills(batch, map(itemgetter(2), pool), budget, now, admit)
+                self._fill_prefills(batch, self.relegated_order(map(itemgetter(2), pool), now), budget, now, admit)
             if batch or not self.running:
                 return batch
             # Every running request is a stalled partial prefill and KV is full: free one, and let the

@@ -6,13 +6,15 @@
 3. Eager relegation: walking the queue in priority order with the estimated prefill rate, a request
    that would finish its prefill after its deadline makes room by relegation: less important requests
    ahead of it go first (sheddable, then standard), then the largest of its own level (itself
-   included). Relegated requests are served only with budget nobody else can use.
+   included). Sheddable requests must fit with a margin, which keeps headroom for more important
+   work still to come. Relegated requests are served only with budget nobody else can use, those that
+   can still make their deadline first.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from niyama.memory import KVBlockManager
@@ -23,6 +25,7 @@ from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
 from niyama.scheduler.batch import Batch
 
 LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
+SHEDDABLE = Importance.SHEDDABLE
 
 
 class DeadlineScheduler(Scheduler):
@@ -134,7 +137,8 @@ class DeadlineScheduler(Scheduler):
         """Walk the queue in priority order, accumulating estimated prefill time. When a request would
         miss its deadline, relegate until it fits: first less important requests ahead of it (sheddable,
         then standard), then among its own level, the one with the most remaining work (itself
-        included), so that overload costs as few requests as possible.
+        included), so that overload costs as few requests as possible. A sheddable request counts as
+        missing when it would use more than 1/``sheddable_margin`` of the time left to its deadline.
 
         The walk visits the whole queue, which under overload holds thousands of batch requests, so it
         runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
@@ -155,8 +159,11 @@ class DeadlineScheduler(Scheduler):
         heaps = False
         demoted: list[Request] = []
         plan = self._plan
+        shed_share = 1.0 / self.config.sheddable_margin
         for i, r in enumerate(candidates):
             work, deadline, importance = plan.get(r) or self._plan_entry(r)
+            if importance is SHEDDABLE:
+                deadline = now + (deadline - now) * shed_share
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
                 demoted.append(r)
@@ -183,6 +190,20 @@ class DeadlineScheduler(Scheduler):
                     t -= victim_work * inv_rate
         self._relegate(demoted)
         return [r for r in candidates if not r.relegated]
+
+    def relegated_order(self, requests: Iterator[Request], now: float) -> Iterator[Request]:
+        """Those that can still meet their deadline first: leftover budget spent on a request that is
+        late already cannot save it, but could save one behind it. Lazy, as the pool can be long."""
+        if not self.config.relegation:
+            yield from requests
+            return
+        late = []
+        for r in requests:
+            if self.admissible(r, now):
+                yield r
+            else:
+                late.append(r)
+        yield from late
 
     def admissible(self, request: Request, now: float) -> bool:
         if not self.config.relegation:
