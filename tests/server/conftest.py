@@ -21,9 +21,10 @@ QOS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu-smollm2.toml
 
 
 class Server:
-    def __init__(self, url: str, process: subprocess.Popen):
+    def __init__(self, url: str, process: subprocess.Popen, iteration_log: Path | None = None):
         self.url = url
         self.process = process
+        self.iteration_log = iteration_log  # where it writes one JSON line per iteration, if anywhere
         self.model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
     def client(self, **kw) -> openai.OpenAI:
@@ -47,8 +48,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(cache_dir: Path, *args: str, timeout: float = 600.0) -> Iterator[Server]:
+def serve(cache_dir: Path, *args: str, timeout: float = 600.0, iteration_log: Path | None = None
+          ) -> Iterator[Server]:
     """Start ``niyama serve`` in a subprocess, wait for /health, stop it at exit."""
+    if iteration_log is not None:
+        args = (*args, "--iteration-log", str(iteration_log))
     port = _free_port()
     env = {**os.environ, "NIYAMA_CACHE_DIR": str(cache_dir)}
     log = (cache_dir / f"server-{port}.log").open("w")
@@ -69,7 +73,7 @@ def serve(cache_dir: Path, *args: str, timeout: float = 600.0) -> Iterator[Serve
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start")
             time.sleep(0.5)
-        yield Server(url, process)
+        yield Server(url, process, iteration_log)
     finally:
         process.terminate()
         try:
@@ -87,5 +91,5 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(cache_dir) -> Iterator[Server]:
-    with serve(cache_dir, "--scheduler", "niyama") as s:
+    with serve(cache_dir, "--scheduler", "niyama", iteration_log=cache_dir / "iterations.jsonl") as s:
         yield s

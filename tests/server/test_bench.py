@@ -35,6 +35,9 @@ def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path
     assert summary["goodput_rps"] > 0 and summary["errors"] == 0
     assert (tmp_path / "bench-tiny.png").stat().st_size > 0
     assert "overall" in done.stdout and "goodput" in done.stdout
+    # The server logged the iterations that served them (niyama serve --iteration-log).
+    logged = [json.loads(line) for line in server.iteration_log.read_text().splitlines()]
+    assert sum(r["num_decode_tokens"] for r in logged) >= 6 * 3 and all(r["seconds"] > 0 for r in logged)
 
 
 def test_bench_sends_service_tier_and_priority_over_both_endpoints(server, tmp_path):

@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from niyama.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from niyama.engine.profiler import ProfileResult
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +43,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch (the median is kept)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-log", metavar="LOG", default=None,
+                   help="fit from the iterations a server measured (niyama serve --iteration-log LOG) "
+                   "instead of running the engine")
+    p.add_argument("--base", metavar="PROFILE", default=None,
+                   help="with --from-log: the profile the server used, whose description (hardware, model, "
+                   "KV cache size) the new one keeps")
     p.add_argument("--output", "-o", default="profile.json", help="where to save the fitted predictor")
     p.set_defaults(func=cmd_profile)
 
@@ -55,8 +66,26 @@ def register(subparsers) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from niyama.engine.profiler import fit
+
+    if args.from_log:
+        result, meta = _logged_iterations(args.from_log, args.base)
+    elif args.base:
+        raise ValueError("--base only applies to --from-log")
+    else:
+        result, meta = _profile_engine(args)
+    predictor, mape = fit(result, meta, seed=args.seed)
+    predictor.save(args.output)
+    print(f"fitted on {len(result.times)} batches ({meta.get('hardware', 'unknown hardware')}, "
+          f"{meta.get('dtype', 'unknown dtype')}, KV cache {meta.get('kv_cache_tokens', '?')} tokens)")
+    print(f"held-out MAPE: {mape:.1%}")
+    print(f"saved {args.output}")
+    return 0
+
+
+def _profile_engine(args: argparse.Namespace) -> tuple[ProfileResult, dict[str, Any]]:
     from niyama.engine.model_runner import ModelRunner
-    from niyama.engine.profiler import fit, profile
+    from niyama.engine.profiler import profile, runner_meta
     from niyama.engine.weights import resolve_model_path
 
     runner = ModelRunner.from_config(_engine_config(args))
@@ -67,13 +96,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
                      progress)
     print(file=sys.stderr)
-    predictor, mape = fit(result, runner, resolve_model_path(args.model).name, seed=args.seed)
-    predictor.save(args.output)
-    print(f"fitted on {len(result.times)} batches ({predictor.meta['hardware']}, {predictor.meta['dtype']}, "
-          f"KV cache {runner.kv_cache.capacity_tokens} tokens)")
-    print(f"held-out MAPE: {mape:.1%}")
-    print(f"saved {args.output}")
-    return 0
+    return result, runner_meta(runner, resolve_model_path(args.model).name)
+
+
+def _logged_iterations(log: str, base: str | None) -> tuple[ProfileResult, dict[str, Any]]:
+    from niyama.engine.profiler import read_iteration_log
+    from niyama.predictor import BatchTimePredictor
+
+    try:
+        result = read_iteration_log(log)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{log} is not an iteration log (niyama serve --iteration-log): {e}") from None
+    meta = {}
+    if base:
+        fitted_keys = ("heldout_mape", "scale", "num_profile_batches", "date")
+        meta = {k: v for k, v in BatchTimePredictor.load(base).meta.items() if k not in fitted_keys}
+    return result, {**meta, "source": f"iteration log {log}"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -8,15 +8,17 @@ text of every request that produced a token. ``EngineCore`` is not thread-safe: 
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TextIO
 
 from niyama.engine.model_runner import ModelRunner
 from niyama.engine.sampler import SamplingParams
 from niyama.engine.served_scale import ServedScale
 from niyama.engine.tokenizer import Tokenizer
 from niyama.memory import KVBlockManager
-from niyama.predictor import BatchTimePredictor
+from niyama.predictor import BatchShape, BatchTimePredictor
 from niyama.request import FinishReason, Request
 from niyama.scheduler import SchedulerConfig, make_scheduler
 from niyama.scheduler.base import Scheduler
@@ -75,8 +77,10 @@ class _Detokenizer:
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: str = "niyama",
                  config: SchedulerConfig | None = None, predictor: BatchTimePredictor | None = None,
-                 online_calibration: bool = True):
-        """``online_calibration``: rescale the predictor to the batch times measured while serving."""
+                 online_calibration: bool = True, iteration_log: TextIO | None = None):
+        """``online_calibration``: rescale the predictor to the batch times measured while serving.
+        ``iteration_log``: where to write one JSON line per iteration (its shape, execution time and
+        queue lengths), the rows ``niyama profile --from-log`` fits a predictor from."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.kv = KVBlockManager(runner.num_blocks, runner.block_size)
@@ -84,6 +88,7 @@ class EngineCore:
         self.served_scale = ServedScale(predictor) if predictor is not None and online_calibration else None
         self.eos_token_ids = tokenizer.eos_token_ids | set(runner.config.eos_token_ids)
         self.last_iteration: IterationStats | None = None
+        self.iteration_log = iteration_log
         self._detok: dict[str, _Detokenizer] = {}
         self._params: dict[str, SamplingParams] = {}
 
@@ -121,11 +126,15 @@ class EngineCore:
         sampled = self.runner.execute(batch.chunks, self._params)
         now = time.monotonic()
         scale = None
-        if self.served_scale is not None:  # the shape before update() advances the requests
-            rescaled = self.served_scale.observe(batch.shape(), now - executed)
+        # The shape before update() advances the requests; a sum over decodes, so only when needed.
+        shape = batch.shape() if self.served_scale is not None or self.iteration_log is not None else None
+        if self.served_scale is not None:
+            rescaled = self.served_scale.observe(shape, now - executed)
             if rescaled is not None:
                 self.scheduler.set_predictor(rescaled)
             scale = self.served_scale.scale
+        if self.iteration_log is not None:
+            self._log_iteration(shape, start, executed, now)
         self.last_iteration = IterationStats(batch.num_prefill_tokens, len(batch.decodes), now - start, scale)
         finished = {r.request_id for r in self.scheduler.update(batch, now, sampled)}
         outputs = []
@@ -142,6 +151,12 @@ class EngineCore:
             if done:
                 self._forget(rid)
         return outputs
+
+    def _log_iteration(self, shape: BatchShape, start: float, executed: float, end: float) -> None:
+        s = self.scheduler
+        row = {"time": start, **asdict(shape), "seconds": end - executed, "schedule_seconds": executed - start,
+               "waiting": s.num_waiting, "running": s.num_running, "relegated": s.num_relegated}
+        self.iteration_log.write(json.dumps(row) + "\n")
 
     def _forget(self, request_id: str) -> None:
         self._params.pop(request_id, None)

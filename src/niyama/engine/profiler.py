@@ -7,6 +7,7 @@ Each profiled batch is a random mix of decodes (with random context lengths) and
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,23 +99,38 @@ def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, 
     return ProfileResult(shapes, times)
 
 
-def fit(result: ProfileResult, runner: ModelRunner, model_name: str, holdout: float = 0.25,
-        seed: int = 0) -> tuple[BatchTimePredictor, float]:
-    """Fit on a random train split; returns the predictor and its MAPE on the held-out rows."""
-    order = list(range(len(result.times)))
-    random.Random(seed).shuffle(order)
-    cut = max(int(len(order) * (1 - holdout)), 6)
-    train, test = order[:cut], order[cut:]
-    meta = {
+def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
+    """What a profile records about the engine it was measured on."""
+    return {
         "hardware": hardware_name(runner.device),
         "model": model_name,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "block_size": runner.block_size,
         "kv_cache_tokens": runner.kv_cache.capacity_tokens,
-        "num_profile_batches": len(order),
-        "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def read_iteration_log(path: str | Path) -> ProfileResult:
+    """The rows of a server's iteration log (``niyama serve --iteration-log``): shapes and times."""
+    shapes, times = [], []
+    with Path(path).open() as f:
+        for line in f:
+            row = json.loads(line)
+            shapes.append(BatchShape(row["num_prefill_tokens"], row["num_decode_tokens"], row["decode_ctx"],
+                                     row["prefill_ctx"]))
+            times.append(row["seconds"])
+    return ProfileResult(shapes, times)
+
+
+def fit(result: ProfileResult, meta: dict[str, Any], holdout: float = 0.25,
+        seed: int = 0) -> tuple[BatchTimePredictor, float]:
+    """Fit on a random train split; returns the predictor and its MAPE on the held-out rows."""
+    order = list(range(len(result.times)))
+    random.Random(seed).shuffle(order)
+    cut = max(int(len(order) * (1 - holdout)), 6)
+    train, test = order[:cut], order[cut:]
+    meta = {**meta, "num_profile_batches": len(order), "date": time.strftime("%Y-%m-%d")}
     predictor = BatchTimePredictor.fit([result.shapes[i] for i in train], [result.times[i] for i in train],
                                        meta=meta)
     mape = predictor.mape([result.shapes[i] for i in test], [result.times[i] for i in test]) if test else 0.0

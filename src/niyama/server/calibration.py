@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from niyama.engine.model_runner import ModelRunner
-from niyama.engine.profiler import fit, hardware_name, profile
+from niyama.engine.profiler import fit, hardware_name, profile, runner_meta
 from niyama.predictor import BatchTimePredictor
 
 
@@ -43,7 +43,7 @@ def load_or_calibrate(runner: ModelRunner, model_name: str, profile_path: str | 
     with tqdm(total=num_batches, desc="calibrating", unit="batch", file=sys.stderr) as bar:
         result = profile(runner, num_batches, max_tokens, max_context=2 * max_tokens, repeats=1,
                          progress=lambda done, _: bar.update(done - bar.n))
-    predictor, mape = fit(result, runner, model_name)
+    predictor, mape = fit(result, runner_meta(runner, model_name))
     path.parent.mkdir(parents=True, exist_ok=True)
     predictor.save(path)
     print(f"niyama: calibrated (held-out error {mape:.1%}); cached in {path}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 
 from niyama.scheduler import SCHEDULERS
 
@@ -39,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="keep the profile's batch times as they are (default: scale them by measured / "
                    "predicted time of recent iterations, exported as niyama:batch_time_scale)")
+    p.add_argument("--iteration-log", metavar="PATH", default=None,
+                   help="append one JSON line per iteration (batch shape, execution time, queue lengths) to "
+                   "PATH; `niyama profile --from-log PATH` fits a batch-time predictor from it")
     p.set_defaults(func=cmd_serve)
 
 
@@ -71,11 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       args.calibration_batches)
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
-    core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration)
-    engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
-    state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
-    print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
-          file=sys.stderr)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
+        core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration, log)
+        engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
+        state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
+        print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
+              file=sys.stderr)
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
     return 0
 
