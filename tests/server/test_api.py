@@ -123,7 +123,21 @@ def test_unknown_model(server):
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
 
 
+def _num_aborted(server) -> float:
+    lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+             if line.startswith("niyama:request_success_total") and 'finished_reason="abort"' in line]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def _wait_until_idle(server) -> None:
+    deadline = time.monotonic() + 30
+    while server.metric("niyama:num_requests_running") or server.metric("niyama:kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the aborted request still holds KV blocks"
+        time.sleep(0.1)
+
+
 def test_disconnect_frees_kv(server):
+    aborted = _num_aborted(server)
     stream = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=4000,
                                                 stream=True, extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
@@ -131,13 +145,17 @@ def test_disconnect_frees_kv(server):
             break
     assert server.metric("niyama:kv_cache_usage_perc") > 0
     stream.close()
-    deadline = time.monotonic() + 30
-    while server.metric("niyama:num_requests_running") or server.metric("niyama:kv_cache_usage_perc"):
-        assert time.monotonic() < deadline, "the aborted request still holds KV blocks"
-        time.sleep(0.1)
-    aborted = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
-               if line.startswith("niyama:request_success_total") and 'finished_reason="abort"' in line]
-    assert aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1
+    _wait_until_idle(server)
+    assert _num_aborted(server) == aborted + 1
+
+
+def test_non_streaming_client_that_gives_up_aborts_its_request(server):
+    aborted = _num_aborted(server)
+    with pytest.raises(openai.APITimeoutError):  # the client closes its connection after 2 s
+        server.client(timeout=2.0).completions.create(model=server.model, prompt="Once upon a time",
+                                                      max_tokens=4000, extra_body={"ignore_eos": True})
+    _wait_until_idle(server)
+    assert _num_aborted(server) == aborted + 1
 
 
 def test_64_concurrent_streams(server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from niyama.server.protocol import ChatCompletionRequest, CompletionRequest, Sam
 from niyama.server.qos_mapping import QoSPolicy
 
 QOS_HEADER = "X-Niyama-QoS"
+DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -87,23 +89,24 @@ def create_app(state: ServerState) -> FastAPI:
                                             "owned_by": "niyama", "max_model_len": state.max_model_len}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest,
+    async def chat_completions(body: ChatCompletionRequest, http: Request,
                                x_niyama_qos: str | None = Header(default=None)) -> Response:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if not messages:
             raise APIError(400, "messages must not be empty", "messages")
         body.max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _complete(state, body, state.tokenizer.chat(messages), x_niyama_qos, chat=True)
+        return await _complete(state, http, body, state.tokenizer.chat(messages), x_niyama_qos, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, x_niyama_qos: str | None = Header(default=None)) -> Response:
+    async def completions(body: CompletionRequest, http: Request,
+                          x_niyama_qos: str | None = Header(default=None)) -> Response:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await _complete(state, body, ids, x_niyama_qos, chat=False)
+        return await _complete(state, http, body, ids, x_niyama_qos, chat=False)
 
     return app
 
@@ -135,8 +138,8 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
                           seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos)
 
 
-async def _complete(state: ServerState, body: SamplingRequest, prompt_ids: list[int], header: str | None,
-                    chat: bool) -> Response:
+async def _complete(state: ServerState, http: Request, body: SamplingRequest, prompt_ids: list[int],
+                    header: str | None, chat: bool) -> Response:
     if body.model != state.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist (served: {state.model_name!r})", "model",
                        "model_not_found")
@@ -159,14 +162,15 @@ async def _complete(state: ServerState, body: SamplingRequest, prompt_ids: list[
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(head, outputs, chat, include_usage), media_type="text/event-stream")
-    text, last = [], None
+    collecting = asyncio.ensure_future(_collect(outputs))
+    while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+        if await http.is_disconnected():  # nobody will read the answer: stop computing it
+            collecting.cancel()  # leaving the outputs early aborts the request and frees its KV blocks
+            return Response(status_code=499)
     try:
-        async for out in outputs:
-            text.append(out.text)
-            last = out
+        text, last = collecting.result()
     except (ValueError, RuntimeError) as e:
         raise _engine_error(e) from None
-    assert last is not None
     r = last.request
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
@@ -174,6 +178,16 @@ async def _complete(state: ServerState, body: SamplingRequest, prompt_ids: list[
     else:
         choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": _finish_reason(r)}
     return JSONResponse({**head, "choices": [choice], "usage": _usage(r), "niyama": niyama_info(r)})
+
+
+async def _collect(outputs: AsyncIterator[StepOutput]) -> tuple[list[str], StepOutput]:
+    """All text pieces of a request and its last output."""
+    text, last = [], None
+    async for out in outputs:
+        text.append(out.text)
+        last = out
+    assert last is not None
+    return text, last
 
 
 async def _stream(head: dict[str, Any], outputs: AsyncIterator[StepOutput], chat: bool,
