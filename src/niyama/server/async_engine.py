@@ -4,6 +4,10 @@ One thread owns the ``EngineCore`` and runs iterations back to back while there 
 condition variable when idle (no busy-waiting). HTTP handlers never touch the core: they post new
 requests and aborts to the loop, and receive their outputs through a per-request ``asyncio.Queue`` fed
 with ``loop.call_soon_threadsafe`` once per iteration.
+
+The loop runs on the worker of a one-thread executor, so that the server can load the model and calibrate
+on that same thread first: torch work on a second thread, after another thread has run parallel ops,
+ran prefill ~1.4× slower on this machine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from niyama.engine.core import EngineCore, StepOutput
 from niyama.engine.sampler import SamplingParams
@@ -26,7 +31,9 @@ class QueueFull(Exception):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, metrics: Metrics, max_queued_requests: int):
+    def __init__(self, core: EngineCore, metrics: Metrics, max_queued_requests: int,
+                 thread: ThreadPoolExecutor | None = None):
+        """``thread``: the one-worker executor to run the loop on (default: a new one)."""
         self.core = core
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
@@ -38,20 +45,20 @@ class AsyncEngine:
         self._num_queued = 0  # waiting + relegated (+ taken from _new since the last recount)
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="niyama-engine")
+        self._running: Future[None] | None = None
 
     # -- lifecycle (event-loop side) -----------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="niyama-engine", daemon=True)
-        self._thread.start()
+        self._running = self._thread.submit(self._run)
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+        if self._running is not None:
+            self._running.result()
 
     # -- requests (event-loop side) ------------------------------------------------------------
     def submit(self, request: Request, params: SamplingParams) -> AsyncIterator[StepOutput]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 from niyama.scheduler import SCHEDULERS
@@ -66,18 +67,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.name.removesuffix(".gguf")
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
                           num_threads=args.threads)
+    # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
+    engine_thread = ThreadPoolExecutor(1, thread_name_prefix="niyama-engine")
     print(f"niyama: loading {path}", file=sys.stderr)
-    runner = ModelRunner.from_config(config)
+    runner = engine_thread.submit(ModelRunner.from_config, config).result()
     tokenizer = Tokenizer(args.model)
     predictor = None
     if args.scheduler in NEEDS_PREDICTOR:
-        predictor = load_or_calibrate(runner, name, args.profile, args.max_num_batched_tokens,
-                                      args.calibration_batches)
+        predictor = engine_thread.submit(load_or_calibrate, runner, name, args.profile, args.max_num_batched_tokens,
+                                         args.calibration_batches).result()
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
         core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration, log)
-        engine = AsyncEngine(core, Metrics(name), args.max_queued_requests)
+        engine = AsyncEngine(core, Metrics(name), args.max_queued_requests, engine_thread)
         state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
               file=sys.stderr)
