@@ -92,6 +92,23 @@ def test_rescaled_predictor_shrinks_the_chunk_and_the_prefill_rate(build):
     assert s.iteration_time == pytest.approx(2 * iteration) and s.prefill_rate == pytest.approx(rate / 2)
 
 
+def test_iteration_time_follows_the_batches_it_schedules(build):
+    # Starts at a full chunk's predicted time; a lone decode's iterations are far shorter, so the time
+    # that prices a batch request's remaining tokens falls towards them.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
+    start = s.iteration_time
+    assert start == pytest.approx(s.predictor.predict(s.config.chunk_size, 0))
+    r = _decoding(s, "d", arrival=0.0, now=0.0)
+    times = []
+    for _ in range(40):
+        batch = s.schedule(1.0)
+        assert batch.decodes == [r]
+        s.update(batch, 1.0)
+        times.append(s.iteration_time)
+    decode_only = s.predictor.predict(0, 1, r.num_computed_tokens)
+    assert times == sorted(times, reverse=True) and decode_only < times[-1] < 0.5 * start
+
+
 def test_dynamic_chunk_without_decodes_and_under_memory_pressure(build):
     s = build("niyama", num_blocks=100, block_size=16, relegation=False)
     assert s.token_budget([], 0.0) == 2552

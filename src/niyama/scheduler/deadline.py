@@ -35,7 +35,9 @@ class DeadlineScheduler(Scheduler):
         if predictor is None and (config.dynamic_chunking or config.relegation):
             raise ValueError("dynamic chunking and relegation need a batch-time predictor")
         super().__init__(config, kv, predictor)
-        # Time of one typical iteration, used to turn an estimated decode length into seconds.
+        # Time of one iteration as this scheduler runs them, used to turn an estimated decode length into
+        # seconds: a moving average of the predicted time of the batches it schedules (on a CPU, a decode
+        # iteration can take a tenth of a prefill chunk's, so a fixed chunk-sized guess overprices decodes).
         self.iteration_time = predictor.predict(config.chunk_size, 0) if predictor else 0.05
         # (prefill tokens, prefill deadline, importance) of each waiting request, fixed while it waits:
         # the relegation walk visits the whole queue, so it must not recompute these.
@@ -47,10 +49,12 @@ class DeadlineScheduler(Scheduler):
         self._next_walk = float("-inf")
 
     def set_predictor(self, predictor: BatchTimePredictor) -> None:
-        old_iteration = self.iteration_time
+        old, chunk = self.predictor, self.config.chunk_size
         super().set_predictor(predictor)
-        self.iteration_time = predictor.predict(self.config.chunk_size, 0)
-        self.prefill_rate *= old_iteration / self.iteration_time  # the same hardware change, applied at once
+        if old is not None:  # the same hardware change, applied at once to both estimates
+            change = predictor.predict(chunk, 0) / old.predict(chunk, 0)
+            self.iteration_time *= change
+            self.prefill_rate /= change
 
     # -- ordering ------------------------------------------------------------------------------
     def decode_estimate(self, request: Request) -> float:
@@ -124,13 +128,16 @@ class DeadlineScheduler(Scheduler):
         return best
 
     # -- eager relegation ----------------------------------------------------------------------
-    RATE_SMOOTHING = 0.05  # weight of the newest iteration in the prefill-rate average
+    RATE_SMOOTHING = 0.05  # weight of the newest iteration in the prefill-rate and iteration-time averages
 
     def schedule(self, now: float) -> Batch:
         batch = super().schedule(now)
+        if not batch or self.predictor is None:
+            return batch
+        seconds = self.predictor.predict_shape(batch.shape())
+        self.iteration_time += self.RATE_SMOOTHING * (seconds - self.iteration_time)
         if self.config.relegation and batch.prefills and batch.num_tokens >= self._budget:
-            sample = batch.num_prefill_tokens / self.predictor.predict_shape(batch.shape())  # type: ignore[union-attr]
-            self.prefill_rate += self.RATE_SMOOTHING * (sample - self.prefill_rate)
+            self.prefill_rate += self.RATE_SMOOTHING * (batch.num_prefill_tokens / seconds - self.prefill_rate)
         return batch
 
     def relegate(self, candidates: Iterable[Request], now: float) -> Iterable[Request]:
