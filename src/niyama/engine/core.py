@@ -126,7 +126,7 @@ class EngineCore:
         sampled = self.runner.execute(batch.chunks, self._params)
         now = time.monotonic()
         scale = None
-        # The shape before update() advances the requests; a sum over decodes, so only when needed.
+        # A sum over decodes, so only when needed (Niyama's scheduler has computed it already).
         shape = batch.shape() if self.served_scale is not None or self.iteration_log is not None else None
         if self.served_scale is not None:
             rescaled = self.served_scale.observe(shape, now - executed)

@@ -20,6 +20,7 @@ class Batch:
     decodes: list[Request] = field(default_factory=list)
     prefills: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)  # freed this iteration, for the engine's info
+    _shape: BatchShape | None = field(default=None, repr=False, compare=False)
 
     @property
     def chunks(self) -> list[tuple[Request, int]]:
@@ -37,12 +38,17 @@ class Batch:
         return bool(self.decodes or self.prefills)
 
     def shape(self) -> BatchShape:
-        return BatchShape(
-            num_prefill_tokens=self.num_prefill_tokens,
-            num_decode_tokens=len(self.decodes),
-            decode_ctx=sum(r.num_computed_tokens + 1 for r in self.decodes),
-            prefill_ctx=sum(r.num_computed_tokens + n for r, n in self.prefills),
-        )
+        """The predictor's features of the batch as scheduled. Computed once, on the first call after the
+        scheduler has built the batch (the scheduler, the engine and the simulator all ask), so it stays
+        the scheduled shape after ``update()`` has advanced the requests."""
+        if self._shape is None:
+            self._shape = BatchShape(
+                num_prefill_tokens=self.num_prefill_tokens,
+                num_decode_tokens=len(self.decodes),
+                decode_ctx=sum(r.num_computed_tokens + 1 for r in self.decodes),
+                prefill_ctx=sum(r.num_computed_tokens + n for r, n in self.prefills),
+            )
+        return self._shape
 
 
 def samples(request: Request, num_new_tokens: int) -> bool:

@@ -201,9 +201,6 @@ class DeadlineScheduler(Scheduler):
     def relegated_order(self, requests: Iterator[Request], now: float) -> Iterator[Request]:
         """Those that can still meet their deadline first: leftover budget spent on a request that is
         late already cannot save it, but could save one behind it. Lazy, as the pool can be long."""
-        if not self.config.relegation:
-            yield from requests
-            return
         late = []
         for r in requests:
             if self.admissible(r, now):
