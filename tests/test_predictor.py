@@ -35,6 +35,24 @@ def test_fit_with_noise_reports_its_error():
     assert 0.01 < fitted.mape(shapes[400:], times[400:]) < 0.08
 
 
+def test_fit_balances_relative_error_when_the_model_is_approximate():
+    """Decode steps and prefills whose fixed costs differ, which no linear model over these features fits
+    exactly: plain least squares serves the long prefills and leaves the short steps far off; the fit
+    weighs every batch by its relative error instead."""
+    rng = np.random.default_rng(2)
+    steps = [BatchShape(0, int(d)) for d in rng.integers(1, 16, 200)]
+    prefills = [BatchShape(int(p), 0) for p in rng.integers(256, 512, 200)]
+    shapes = steps + prefills
+    times = [(0.03 + 0.004 * s.num_decode_tokens if s.num_decode_tokens else 0.12 + 0.002 * s.num_prefill_tokens)
+             * rng.lognormal(0.0, 0.05) for s in shapes]
+    fitted = BatchTimePredictor.fit(shapes, times)
+    x = np.array([s.features() for s in shapes])
+    plain = x @ np.linalg.lstsq(x, np.array(times), rcond=None)[0]
+    plain_mape = float(np.mean(np.abs(plain - times) / times))
+    assert fitted.mape(shapes, times) < 0.7 * plain_mape
+    assert fitted.mape(steps, times[:200]) < 0.5 * float(np.mean(np.abs(plain[:200] - times[:200]) / times[:200]))
+
+
 def test_save_load_roundtrip(tmp_path):
     p = BatchTimePredictor([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], split=256, meta={"model": "m"})
     p.save(tmp_path / "p.json")
