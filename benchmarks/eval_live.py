@@ -177,7 +177,8 @@ def main() -> None:
             cmd += ["--iteration-log", str(iteration_log)]
 
         def run_ours(name=name, cmd=cmd, overload_rate=overload_rate) -> dict[str, Any]:
-            iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
+            if name == "niyama":
+                iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
             with server(cmd, 8100, work / f"server-{name}.log") as url:
                 return measure(name, url, "niyama", predicted[name]["capacity"], overload_rate, args, classes, work)
 
