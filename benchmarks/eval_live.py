@@ -304,13 +304,13 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
             lines.append(f"- Niyama vs {what}: no ratio, {what} has no capacity (0 req/s).")
 
     ratio(cap["niyama"], cap["fcfs"], 1.5, "FCFS on our engine")
-    served = BatchTimePredictor.load(work / "profile-from-log.json")
-    ceiling = throughput_ceiling(work / "profile-from-log.json")
-    small, large = (served.predict(n, 0) / n * 1e3 for n in (128, MAX_BATCHED_TOKENS))
+    measured = BatchTimePredictor.load(work / "profile.json")
+    ceiling = throughput_ceiling(work / "profile.json")
+    small, large = (measured.predict(n, 0) / n * 1e3 for n in (128, MAX_BATCHED_TOKENS))
     lines.append(f"- Throughput ceiling: with every request queued and the most efficient schedule (FCFS, "
-                 f"{MAX_BATCHED_TOKENS}-token chunks), the simulator with the profile refitted to the served "
-                 f"iterations completes {ceiling:.2f} req/s of this workload. FCFS's live capacity is "
-                 f"{cap['fcfs'] / ceiling:.0%} of that; 1.5× FCFS would be {1.5 * cap['fcfs'] / ceiling:.0%}. A "
+                 f"{MAX_BATCHED_TOKENS}-token chunks), the simulator with this machine's profile completes "
+                 f"{ceiling:.2f} req/s of this workload. FCFS's live capacity is {cap['fcfs'] / ceiling:.0%} of that; "
+                 f"1.5× FCFS would be {1.5 * cap['fcfs'] / ceiling:.0%}. A "
                  f"prefill token costs {small:.2f} ms in a 128-token iteration and {large:.2f} ms in a "
                  f"{MAX_BATCHED_TOKENS}-token one: unlike on a GPU, larger chunks add little throughput here, so "
                  "a scheduler mostly reorders the same work.")
