@@ -160,7 +160,7 @@ def main() -> None:
     mape = BatchTimePredictor.load(profile).meta.get("heldout_mape", 0.05)
 
     def predict(latency: Path) -> dict[str, Any]:
-        sched = SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=64, chunk_size=256)  # as `niyama serve`
+        sched = serve_config()
         noise = BatchTimePredictor.load(latency).meta.get("heldout_mape", mape)  # the model's own error
         setup = Setup(trace=TRACE, duration=args.duration, profile=str(latency), noise=noise,
                       qos_config=str(QOS_CONFIG), length_scale=LENGTH_SCALE, base_config=sched, seed=SEED, workers=2)
@@ -214,14 +214,18 @@ def main() -> None:
                  scale, mape, work)
 
 
-def throughput_ceiling(latency: Path) -> float:
+def serve_config(chunk_size: int = 256) -> SchedulerConfig:
+    """The scheduler settings of `niyama serve`'s defaults, with this fixed chunk size."""
+    return SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=64, chunk_size=chunk_size)
+
+
+def throughput_ceiling(latency: BatchTimePredictor) -> float:
     """Requests/s the simulated server completes of this workload when every request is already queued, with
     the most efficient schedule at hand (FCFS, chunks as large as an iteration allows): about the highest
     rate any scheduler can sustain on hardware with this latency profile."""
     specs = build_workload(WorkloadSpec(trace=TRACE, rate=20.0, num_requests=600, length_scale=LENGTH_SCALE,
                                         seed=SEED))
-    sched = SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=64, chunk_size=MAX_BATCHED_TOKENS)
-    result = simulate(specs, QoSClasses.load(QOS_CONFIG), SimConfig("fcfs", sched, BatchTimePredictor.load(latency)))
+    result = simulate(specs, QoSClasses.load(QOS_CONFIG), SimConfig("fcfs", serve_config(MAX_BATCHED_TOKENS), latency))
     return len(specs) / result.duration
 
 
@@ -305,7 +309,7 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
 
     ratio(cap["niyama"], cap["fcfs"], 1.5, "FCFS on our engine")
     measured = BatchTimePredictor.load(work / "profile.json")
-    ceiling = throughput_ceiling(work / "profile.json")
+    ceiling = throughput_ceiling(measured)
     small, large = (measured.predict(n, 0) / n * 1e3 for n in (128, MAX_BATCHED_TOKENS))
     lines.append(f"- Throughput ceiling: with every request queued and the most efficient schedule (FCFS, "
                  f"{MAX_BATCHED_TOKENS}-token chunks), the simulator with this machine's profile completes "
