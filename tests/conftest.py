@@ -22,7 +22,7 @@ def make_request(prompt=100, arrival=0.0, qos=CHAT, max_tokens=16, importance=No
 def linear_predictor(intercept=0.01, per_token=1e-4):
     """A known predictor: the same line in both bins, no context terms."""
     coef = [intercept, per_token, 0, 0, 0, 0]
-    return BatchTimePredictor(coef, coef)
+    return BatchTimePredictor([coef, coef])
 
 
 def build_scheduler(name="fcfs", num_blocks=10_000, block_size=16, predictor=None, **config):

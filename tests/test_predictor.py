@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -20,9 +22,9 @@ def test_fit_recovers_known_coefficients():
     shapes = _random_shapes(rng, 400, 512) + _random_shapes(rng, 400, 2552)
     times = [truth.predict_shape(s) for s in shapes]
     fitted = BatchTimePredictor.fit(shapes, times)
-    assert np.allclose(fitted.small, truth.small, rtol=1e-4, atol=1e-9)
+    assert np.allclose(fitted.bins[0], truth.bins[0], rtol=1e-4, atol=1e-9)
     # Features of the large bin are collinear only if decode counts never vary; they do here.
-    assert np.allclose(fitted.large, truth.large, rtol=1e-4, atol=1e-9)
+    assert np.allclose(fitted.bins[1], truth.bins[1], rtol=1e-4, atol=1e-9)
     assert fitted.mape(shapes, times) < 1e-6
 
 
@@ -53,17 +55,51 @@ def test_fit_balances_relative_error_when_the_model_is_approximate():
     assert fitted.mape(steps, times[:200]) < 0.5 * float(np.mean(np.abs(plain[:200] - times[:200]) / times[:200]))
 
 
+def test_fit_gives_a_small_batch_path_its_own_bin():
+    """An engine whose smallest batches run other kernels (cheaper per batch, dearer per token): with a
+    bin boundary there, each side is fitted exactly; without it, one line is well off for the small ones."""
+    rng = np.random.default_rng(3)
+    shapes = [BatchShape(0, int(d), int(d) * 500) for d in rng.integers(1, 7, 40)]
+    shapes += [BatchShape(0, int(d), int(d) * 500) for d in rng.integers(7, 64, 60)]
+    shapes += [BatchShape(int(p), int(d), int(d) * 500, int(p)) for p, d in rng.integers(8, 500, (60, 2))]
+    times = [0.035 + 0.008 * s.num_tokens if s.num_tokens <= 6 else 0.1 + 0.0025 * s.num_tokens for s in shapes]
+    binned = BatchTimePredictor.fit(shapes, times, splits=(6, 512))
+    assert binned.mape(shapes, times) < 1e-6 and binned.predict(0, 1, 500) == pytest.approx(0.043)
+    assert BatchTimePredictor.fit(shapes, times).mape(shapes[:40], times[:40]) > 0.1
+
+
+def test_a_bin_without_enough_rows_borrows_the_nearest_fit():
+    shapes = [BatchShape(p, 0) for p in range(100, 120)] + [BatchShape(0, 2)]
+    fitted = BatchTimePredictor.fit(shapes, [0.01 + 1e-4 * s.num_tokens for s in shapes], splits=(6, 512))
+    assert fitted.bins[0] == fitted.bins[1] == fitted.bins[2]
+
+
 def test_save_load_roundtrip(tmp_path):
-    p = BatchTimePredictor([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], split=256, meta={"model": "m"})
+    p = BatchTimePredictor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [0, 1, 0, 1, 0, 1]], splits=(6, 256),
+                           meta={"model": "m"})
     p.save(tmp_path / "p.json")
     q = BatchTimePredictor.load(tmp_path / "p.json")
-    assert (q.small, q.large, q.split, q.meta) == (p.small, p.large, 256, {"model": "m"})
+    assert (q.bins, q.splits, q.meta) == (p.bins, (6, 256), {"model": "m"})
     assert q.predict(100, 10) == p.predict(100, 10)
 
 
+def test_loads_a_profile_saved_with_two_named_bins(tmp_path):
+    """Profiles cached by earlier versions hold ``small``, ``large`` and ``split``."""
+    old = {"features": ["intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx"], "split": 256,
+           "small": [1, 0, 0, 0, 0, 0], "large": [2, 0, 0, 0, 0, 0], "meta": {}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    p = BatchTimePredictor.load(tmp_path / "old.json")
+    assert p.splits == (256,) and p.predict(256, 0) == 1 and p.predict(257, 0) == 2
+
+
 def test_bins_split_on_total_tokens():
-    p = BatchTimePredictor([1, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0], split=512)
-    assert p.predict(500, 12) == 1 and p.predict(500, 13) == 2
+    p = BatchTimePredictor([[1, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0]], splits=(6, 512))
+    assert p.predict(0, 6) == 1 and p.predict(1, 6) == 2
+    assert p.predict(500, 12) == 2 and p.predict(500, 13) == 3
+    with pytest.raises(ValueError, match="increasing"):
+        BatchTimePredictor([[1, 0, 0, 0, 0, 0]] * 3, splits=(512, 6))
+    with pytest.raises(ValueError, match="need 3 bins"):
+        BatchTimePredictor([[1, 0, 0, 0, 0, 0]] * 2, splits=(6, 512))
 
 
 def test_builtin_profile_and_errors():
@@ -77,7 +113,7 @@ def test_builtin_profile_and_errors():
 
 
 def test_scaled_predictor_multiplies_every_prediction_and_records_the_scale():
-    base = BatchTimePredictor([0.01, 1e-4, 2e-5, 0, 1e-7, 3e-8], [0.02, 2e-4, 0, 1e-5, 0, 1e-7])
+    base = BatchTimePredictor([[0.01, 1e-4, 2e-5, 0, 1e-7, 3e-8], [0.02, 2e-4, 0, 1e-5, 0, 1e-7]])
     slower = base.scaled(1.5).scaled(2.0)
     for shape in [(10, 0, 0, 10), (0, 8, 900, 0), (700, 30, 5000, 900)]:
         assert slower.predict(*shape) == pytest.approx(3.0 * base.predict(*shape))

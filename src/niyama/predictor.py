@@ -1,10 +1,12 @@
 """Batch-time predictor: one iteration's execution time from the batch's shape (DESIGN.md §2).
 
-Two linear models, one for batches of at most ``split`` total tokens and one above, over five features:
-total tokens, prefill tokens, decode tokens, sum of decode context lengths, sum of prefill context
-lengths (one context length per request: the tokens it attends to at the end of its chunk). Fitted by
-weighted least squares on relative error from profiling rows; saved as JSON. The simulator uses a
-predictor as its latency model.
+Linear models stratified by the batch's total tokens (bins split at ``splits``; the reference has two, split
+at 512), over five features: total tokens, prefill tokens, decode tokens, sum of decode context lengths,
+sum of prefill context lengths (one context length per request: the tokens it attends to at the end of
+its chunk). An engine whose kernels change at some other batch size (the CPU engine's smallest batches
+read bf16 weights, larger ones float32 copies) gets a bin boundary there too. Fitted by weighted least
+squares on relative error from profiling rows; saved as JSON. The simulator uses a predictor as its
+latency model.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FEATURES = ("intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx")
+DEFAULT_SPLIT = 512  # the reference's boundary between small and large batches (total tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +42,30 @@ class BatchShape:
 
 
 class BatchTimePredictor:
-    def __init__(self, small: Sequence[float], large: Sequence[float], split: int = 512,
+    """``bins[i]`` holds the coefficients for batches of at most ``splits[i]`` total tokens (and more than
+    the previous split); the last bin serves everything above the last split."""
+
+    def __init__(self, bins: Sequence[Sequence[float]], splits: Sequence[int] = (DEFAULT_SPLIT,),
                  meta: dict[str, Any] | None = None):
-        if len(small) != len(FEATURES) or len(large) != len(FEATURES):
+        if len(bins) != len(splits) + 1:
+            raise ValueError(f"{len(splits)} split(s) need {len(splits) + 1} bins of coefficients")
+        if any(a >= b for a, b in pairwise(splits)) or (splits and splits[0] < 1):
+            raise ValueError(f"bin splits must be increasing positive token counts, not {list(splits)}")
+        if any(len(c) != len(FEATURES) for c in bins):
             raise ValueError(f"each bin needs {len(FEATURES)} coefficients ({', '.join(FEATURES)})")
-        self.small = tuple(float(c) for c in small)
-        self.large = tuple(float(c) for c in large)
-        self.split = split
+        self.bins = tuple(tuple(float(c) for c in coefs) for coefs in bins)
+        self.splits = tuple(int(s) for s in splits)
+        self._bounded = tuple(zip(self.splits, self.bins[:-1], strict=True))
         self.meta = dict(meta or {})
 
     def predict(self, prefill: int, decode: int, decode_ctx: int = 0, prefill_ctx: int = 0) -> float:
         """Predicted seconds for one iteration (hot path: plain floats, no numpy)."""
         tokens = prefill + decode
-        c = self.small if tokens <= self.split else self.large
+        c = self.bins[-1]
+        for bound, coefs in self._bounded:
+            if tokens <= bound:
+                c = coefs
+                break
         t = c[0] + c[1] * tokens + c[2] * prefill + c[3] * decode + c[4] * decode_ctx + c[5] * prefill_ctx
         return t if t > 1e-6 else 1e-6
 
@@ -61,28 +76,25 @@ class BatchTimePredictor:
     def scaled(self, factor: float) -> BatchTimePredictor:
         """The same model on hardware ``factor`` times slower: every coefficient multiplied."""
         meta = {**self.meta, "scale": self.meta.get("scale", 1.0) * factor}
-        return BatchTimePredictor([c * factor for c in self.small], [c * factor for c in self.large], self.split,
-                                  meta)
+        return BatchTimePredictor([[c * factor for c in coefs] for coefs in self.bins], self.splits, meta)
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], split: int = 512,
+    def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], splits: Sequence[int] = (DEFAULT_SPLIT,),
             meta: dict[str, Any] | None = None) -> BatchTimePredictor:
-        """Fit of each bin (``_relative_lstsq``); a bin with too few rows borrows the other bin's fit."""
+        """Fit of each bin (``_relative_lstsq``); a bin with fewer rows than coefficients borrows the fit of
+        the nearest bin that has enough (the next larger one first)."""
         x = np.array([s.features() for s in shapes], dtype=float)
         y = np.asarray(times, dtype=float)
         if len(y) != len(x) or len(y) < len(FEATURES):
             raise ValueError(f"need at least {len(FEATURES)} profile rows with one time each")
-        small_rows = x[:, 1] <= split
-        coefs = {}
-        for name, mask in (("small", small_rows), ("large", ~small_rows)):
-            if mask.sum() >= len(FEATURES):
-                coefs[name] = _relative_lstsq(x[mask], y[mask])
-        if not coefs:
-            coefs["small"] = _relative_lstsq(x, y)
-        small = coefs.get("small", coefs.get("large"))
-        large = coefs.get("large", small)
-        return cls(small, large, split, meta)
+        which = np.searchsorted(np.asarray(splits), x[:, 1], side="left")  # bin index of each row
+        fitted = {i: _relative_lstsq(x[which == i], y[which == i])
+                  for i in range(len(splits) + 1) if (which == i).sum() >= len(FEATURES)}
+        if not fitted:
+            return cls([_relative_lstsq(x, y)] * (len(splits) + 1), splits, meta)
+        nearest = [min(fitted, key=lambda j, i=i: (abs(j - i), j < i)) for i in range(len(splits) + 1)]
+        return cls([fitted[j] for j in nearest], splits, meta)
 
     def mape(self, shapes: Sequence[BatchShape], times: Sequence[float]) -> float:
         """Mean absolute percentage error (a fraction: 0.05 = 5%)."""
@@ -91,14 +103,17 @@ class BatchTimePredictor:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"features": list(FEATURES), "split": self.split, "small": list(self.small),
-                "large": list(self.large), "meta": self.meta}
+        return {"features": list(FEATURES), "splits": list(self.splits), "bins": [list(c) for c in self.bins],
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BatchTimePredictor:
         if list(data.get("features", FEATURES)) != list(FEATURES):
             raise ValueError("profile features do not match this version's feature set")
-        return cls(data["small"], data["large"], int(data.get("split", 512)), data.get("meta"))
+        if "bins" in data:
+            return cls(data["bins"], data["splits"], data.get("meta"))
+        # Profiles saved before bins were generalized: two bins named small and large.
+        return cls([data["small"], data["large"]], [int(data.get("split", DEFAULT_SPLIT))], data.get("meta"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -47,7 +47,7 @@ def test_profile_fits_a_predictor_from_the_log(runner32, tokenizer, prompt_ids, 
         core = EngineCore(runner32, tokenizer, "fcfs", SchedulerConfig(chunk_size=16), iteration_log=log)
         _serve(core, prompt_ids[:6], max_tokens=6)
     base = tmp_path / "base.json"
-    BatchTimePredictor([0.01, 1e-4, 0, 0, 0, 0], [0.01, 1e-4, 0, 0, 0, 0],
+    BatchTimePredictor([[0.01, 1e-4, 0, 0, 0, 0]] * 3, splits=(6, 512),
                        meta={"model": "tiny", "kv_cache_tokens": 4096, "heldout_mape": 0.5}).save(base)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -57,7 +57,7 @@ def test_profile_fits_a_predictor_from_the_log(runner32, tokenizer, prompt_ids, 
     assert "held-out MAPE" in capsys.readouterr().out
     served = BatchTimePredictor.load(out)
     rows = len(log_path.read_text().splitlines())
-    assert served.meta["model"] == "tiny" and served.meta["kv_cache_tokens"] == 4096
+    assert served.meta["model"] == "tiny" and served.meta["kv_cache_tokens"] == 4096 and served.splits == (6, 512)
     assert served.meta["num_profile_batches"] == rows and served.meta["heldout_mape"] != 0.5
     assert served.meta["source"] == f"iteration log {log_path}"
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from niyama.engine.commands import register
+from niyama.engine.profiler import TINY_EVERY, fit, predictor_splits, profile
 from niyama.predictor import BatchTimePredictor
 from tests.engine.helpers import save_tiny
 
@@ -25,3 +26,18 @@ def test_profile_command_fits_and_saves(tmp_path, capsys):
     meta = json.loads(out.read_text())["meta"]
     assert meta["dtype"] == "float32" and meta["kv_cache_tokens"] > 0 and meta["num_profile_batches"] == 12
     assert predictor.predict(32, 4, 400, 32) > 0
+
+
+def test_profile_times_a_small_batch_path_and_bins_it(runner32):
+    """A bf16 model on a CPU without native bf16 runs batches of up to 6 rows on other kernels: the profile
+    then samples such batches and the predictor gets a bin for them."""
+    runner32.model.small_batch_rows = 6  # what the bf16 model sets there
+    try:
+        result = profile(runner32, num_batches=24, max_tokens=64, max_context=128, repeats=2)
+    finally:
+        runner32.model.small_batch_rows = None
+    assert result.splits == (6, 512) and len(result.times) == 24
+    assert sum(s.num_tokens <= 6 for s in result.shapes) >= 24 // TINY_EVERY
+    predictor, _ = fit(result, {})
+    assert predictor.splits == (6, 512) and len(predictor.bins) == 3
+    assert predictor_splits(runner32) == (512,)

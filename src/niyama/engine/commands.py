@@ -41,14 +41,15 @@ def register(subparsers) -> None:
     p.add_argument("--num-batches", type=int, default=80)
     p.add_argument("--max-tokens", type=int, default=1024, help="largest batch, in tokens")
     p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch (the median is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of timed runs over all batches (the median "
+                   "per batch is kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-log", metavar="LOG", default=None,
                    help="fit from the iterations a server measured (niyama serve --iteration-log LOG) "
                    "instead of running the engine")
     p.add_argument("--base", metavar="PROFILE", default=None,
                    help="with --from-log: the profile the server used, whose description (hardware, model, "
-                   "KV cache size) the new one keeps")
+                   "KV cache size) and bins the new one keeps")
     p.add_argument("--output", "-o", default="profile.json", help="where to save the fitted predictor")
     p.set_defaults(func=cmd_profile)
 
@@ -91,7 +92,7 @@ def _profile_engine(args: argparse.Namespace) -> tuple[ProfileResult, dict[str, 
     runner = ModelRunner.from_config(_engine_config(args))
 
     def progress(done: int, total: int) -> None:
-        print(f"\rprofiled {done}/{total} batches", end="", file=sys.stderr, flush=True)
+        print(f"\rtimed {done}/{total} batch runs", end="", file=sys.stderr, flush=True)
 
     result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
                      progress)
@@ -110,7 +111,9 @@ def _logged_iterations(log: str, base: str | None) -> tuple[ProfileResult, dict[
     meta = {}
     if base:
         fitted_keys = ("heldout_mape", "scale", "num_profile_batches", "date")
-        meta = {k: v for k, v in BatchTimePredictor.load(base).meta.items() if k not in fitted_keys}
+        served = BatchTimePredictor.load(base)
+        meta = {k: v for k, v in served.meta.items() if k not in fitted_keys}
+        result.splits = served.splits
     return result, {**meta, "source": f"iteration log {log}"}
 
 

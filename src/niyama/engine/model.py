@@ -99,6 +99,8 @@ class LlamaModel:
             return state[name].to(device=device, dtype=dtype).contiguous()
 
         wide = dtype == torch.bfloat16 and not native_bf16(torch.device(device))
+        # Batches of at most this many rows run other kernels (bf16 weights) and cost much less per batch.
+        self.small_batch_rows = Linear.SMALL_BATCH if wide else None
 
         self.embed = w("model.embed_tokens.weight")
         # Logits are computed in float32 whatever the dtype: bf16 rounding (8 bits of mantissa) of logits

@@ -3,6 +3,9 @@
 Each profiled batch is a random mix of decodes (with random context lengths) and prefill chunks
 (fresh prompts or continuations of partly prefilled ones). One batch is timed end to end through
 ``ModelRunner.execute`` (input preparation, forward pass, sampling), as the live engine loop runs it.
+All batches are built first and timed in rounds, each round running every batch once: on a shared
+machine whose speed drifts, repeats spread over the whole profile average the drift out, where
+back-to-back repeats would all catch the same slow spell.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from niyama.engine.model_runner import ModelRunner
 from niyama.memory import KVBlockManager
-from niyama.predictor import BatchShape, BatchTimePredictor
+from niyama.predictor import DEFAULT_SPLIT, BatchShape, BatchTimePredictor
 from niyama.qos import QoS
 from niyama.request import Request
 from niyama.scheduler.batch import Batch
@@ -30,17 +33,26 @@ from niyama.scheduler.batch import Batch
 _QOS = QoS(name="profile", ttlt=3600.0)
 DECODE_COUNTS = (0, 1, 2, 4, 8, 16, 32, 64)
 CHUNK_SIZES = (8, 32, 64, 128, 256, 512, 1024, 2048)
+TINY_EVERY = 6  # with a small-batch path, one profiled batch in this many is that small
 
 
 @dataclass(slots=True)
 class ProfileResult:
     shapes: list[BatchShape]
     times: list[float]
+    splits: tuple[int, ...] = (DEFAULT_SPLIT,)  # the predictor's bins for the engine measured
+
+
+def predictor_splits(runner: ModelRunner) -> tuple[int, ...]:
+    """The predictor's bin boundaries for this engine: the reference's, and one where its kernels change."""
+    small = runner.model.small_batch_rows
+    return (DEFAULT_SPLIT,) if small is None else (small, DEFAULT_SPLIT)
 
 
 def random_batch(rng: random.Random, kv: KVBlockManager, vocab: int, max_tokens: int, max_context: int,
-                 ids: list[int]) -> Batch:
-    """A random mixed batch whose requests hold freshly allocated KV blocks (contents do not matter)."""
+                 ids: list[int], tiny: int = 0) -> Batch:
+    """A random mixed batch whose requests hold freshly allocated KV blocks (contents do not matter);
+    with ``tiny``, a decode step of at most that many requests."""
 
     def request(context: int, new: int, decode: bool) -> Request:
         """A request with ``context`` tokens already 'cached' and ``new`` to compute."""
@@ -55,6 +67,10 @@ def random_batch(rng: random.Random, kv: KVBlockManager, vocab: int, max_tokens:
         return r
 
     batch = Batch()
+    if tiny:  # decode steps of a lightly loaded server (a prompt's few-token tail chunk is rare)
+        for _ in range(rng.randint(1, tiny)):
+            batch.decodes.append(request(rng.randint(1, max_context - 1), 1, decode=True))
+        return batch
     max_tokens = int(2 ** rng.uniform(3, math.log2(max_tokens)))  # log-uniform: fill both predictor bins
     num_decodes = min(rng.choice(DECODE_COUNTS), max_tokens)
     max_context = max(min(max_context, kv.capacity_tokens // (num_decodes + 4) - 1), 2)  # all must fit
@@ -76,27 +92,30 @@ def random_batch(rng: random.Random, kv: KVBlockManager, vocab: int, max_tokens:
 
 def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, max_context: int = 2048,
             repeats: int = 3, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> ProfileResult:
-    """Time ``num_batches`` random batches (median of ``repeats`` runs each)."""
+    """Time ``num_batches`` random batches (median of ``repeats`` rounds). Where the engine has a small-batch
+    path, one batch in ``TINY_EVERY`` is that small, so that the predictor's bin for it has rows to fit."""
     rng = random.Random(seed)
     vocab = runner.config.vocab_size
     max_context = min(max_context, runner.config.max_position_embeddings)
+    splits = predictor_splits(runner)
+    tiny = splits[0] if len(splits) > 1 else 0
     ids = [0]
-    shapes, times = [], []
-    runner.execute(random_batch(rng, KVBlockManager(runner.num_blocks, runner.block_size), vocab, 64,
-                                256, ids).chunks)  # warm-up
-    for i in range(num_batches):
-        kv = KVBlockManager(runner.num_blocks, runner.block_size)
-        batch = random_batch(rng, kv, vocab, max_tokens, max_context, ids)
-        samples = []
-        for _ in range(repeats):
+
+    def batch(i: int, max_tokens: int, max_context: int) -> Batch:
+        kv = KVBlockManager(runner.num_blocks, runner.block_size)  # each batch its own blocks table
+        return random_batch(rng, kv, vocab, max_tokens, max_context, ids, tiny if i % TINY_EVERY == 1 else 0)
+
+    runner.execute(batch(0, 64, 256).chunks)  # warm-up
+    batches = [batch(i, max_tokens, max_context) for i in range(num_batches)]
+    samples: list[list[float]] = [[] for _ in batches]
+    for r in range(repeats):
+        for i, b in enumerate(batches):
             start = time.perf_counter()
-            runner.execute(batch.chunks)
-            samples.append(time.perf_counter() - start)
-        shapes.append(batch.shape())
-        times.append(statistics.median(samples))
-        if progress:
-            progress(i + 1, num_batches)
-    return ProfileResult(shapes, times)
+            runner.execute(b.chunks)
+            samples[i].append(time.perf_counter() - start)
+            if progress:
+                progress(r * num_batches + i + 1, repeats * num_batches)
+    return ProfileResult([b.shape() for b in batches], [statistics.median(t) for t in samples], splits)
 
 
 def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
@@ -132,7 +151,7 @@ def fit(result: ProfileResult, meta: dict[str, Any], holdout: float = 0.25,
     train, test = order[:cut], order[cut:]
     meta = {**meta, "num_profile_batches": len(order), "date": time.strftime("%Y-%m-%d")}
     predictor = BatchTimePredictor.fit([result.shapes[i] for i in train], [result.times[i] for i in train],
-                                       meta=meta)
+                                       result.splits, meta)
     mape = predictor.mape([result.shapes[i] for i in test], [result.times[i] for i in test]) if test else 0.0
     predictor.meta["heldout_mape"] = round(mape, 4)
     return predictor, mape
