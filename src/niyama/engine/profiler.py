@@ -68,14 +68,15 @@ def random_batch(rng: random.Random, kv: KVBlockManager, vocab: int, max_tokens:
 
     batch = Batch()
     if tiny:  # decode steps of a lightly loaded server (a prompt's few-token tail chunk is rare)
-        for _ in range(rng.randint(1, tiny)):
-            batch.decodes.append(request(rng.randint(1, max_context - 1), 1, decode=True))
-        return batch
-    max_tokens = int(2 ** rng.uniform(3, math.log2(max_tokens)))  # log-uniform: fill both predictor bins
-    num_decodes = min(rng.choice(DECODE_COUNTS), max_tokens)
+        num_decodes = rng.randint(1, tiny)
+    else:
+        max_tokens = int(2 ** rng.uniform(3, math.log2(max_tokens)))  # log-uniform: fill both predictor bins
+        num_decodes = min(rng.choice(DECODE_COUNTS), max_tokens)
     max_context = max(min(max_context, kv.capacity_tokens // (num_decodes + 4) - 1), 2)  # all must fit
     for _ in range(num_decodes):
         batch.decodes.append(request(rng.randint(1, max_context - 1), 1, decode=True))
+    if tiny:
+        return batch
     budget = max_tokens - len(batch.decodes)
     for _ in range(rng.choice((0, 1, 1, 2, 3))):
         sizes = [s for s in CHUNK_SIZES if s <= min(budget, max_context)]
@@ -97,8 +98,7 @@ def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, 
     rng = random.Random(seed)
     vocab = runner.config.vocab_size
     max_context = min(max_context, runner.config.max_position_embeddings)
-    splits = predictor_splits(runner)
-    tiny = splits[0] if len(splits) > 1 else 0
+    tiny = runner.model.small_batch_rows or 0
     ids = [0]
 
     def batch(i: int, max_tokens: int, max_context: int) -> Batch:
@@ -115,7 +115,8 @@ def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, 
             samples[i].append(time.perf_counter() - start)
             if progress:
                 progress(r * num_batches + i + 1, repeats * num_batches)
-    return ProfileResult([b.shape() for b in batches], [statistics.median(t) for t in samples], splits)
+    return ProfileResult([b.shape() for b in batches], [statistics.median(t) for t in samples],
+                         predictor_splits(runner))
 
 
 def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
