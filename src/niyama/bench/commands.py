@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,16 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
     from niyama.sim.capacity import find_capacity
     from niyama.sim.report import max_class_violation
 
+    if args.stop_at <= args.threshold:
+        raise ValueError(f"--stop-at ({args.stop_at}) must be above --threshold ({args.threshold})")
     runs: list[dict[str, Any]] = []
+    bench = config(args, stop_at=args.stop_at)
+    if bench.drain_timeout is None:  # by then every request's SLO is decided; what still runs is cut off
+        bench = replace(bench, drain_timeout=max(q.first_token_deadline(0.0) for q in classes.values()))
 
     def evaluate(rate: float) -> float:
         specs = build_workload(workload(args, classes, rate))
-        run = run_load(specs, classes, config(args, stop_at=args.stop_at))
+        run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
         summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s")
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.
@@ -152,11 +158,6 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
         runs.append({"rate": rate, "worst_violation_pct": worst, "stopped_early": early, "summary": summary})
         print(f"{label}: {rate:.4g} req/s → worst class {'≥ ' if early else ''}{worst:.1f}% violations", flush=True)
         return worst
-
-    if args.stop_at <= args.threshold:
-        raise ValueError(f"--stop-at ({args.stop_at}) must be above --threshold ({args.threshold})")
-    if args.drain_timeout is None:  # by then every request's SLO is decided; what still runs is cut off
-        args.drain_timeout = max(q.first_token_deadline(0.0) for q in classes.values())
 
     result = find_capacity(evaluate, start=args.start, threshold=args.threshold, rel_tol=args.tolerance)
     return result, runs
