@@ -140,6 +140,10 @@ class DeadlineScheduler(Scheduler):
             self.prefill_rate += self.RATE_SMOOTHING * (batch.num_prefill_tokens / seconds - self.prefill_rate)
         return batch
 
+    def walk_due(self, now: float) -> bool:
+        """Whether a decision at ``now`` runs the full relegation walk (see ``relegate``)."""
+        return self.config.relegation and now >= self._next_walk
+
     def relegate(self, candidates: Iterable[Request], now: float) -> Iterable[Request]:
         """Walk the queue in priority order, accumulating estimated prefill time. When a request would
         miss its deadline, relegate until it fits: first less important requests ahead of it (sheddable,
@@ -151,7 +155,7 @@ class DeadlineScheduler(Scheduler):
         runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
         request that could not make its deadline even if served right now.
         """
-        if not self.config.relegation or now < self._next_walk:
+        if not self.walk_due(now):
             return candidates
         self._next_walk = now + self.config.relegation_period
         candidates = list(candidates)  # walked twice: once to decide, once to drop the relegated
@@ -160,15 +164,14 @@ class DeadlineScheduler(Scheduler):
         t = now
         # Per importance level, the requests kept so far as max-heaps by prefill work, later position
         # first on ties. An entry is one int, -(work × n + position), because ints compare much faster
-        # than tuples. Until the first miss they are plain lists (appends are cheaper than pushes).
-        ahead: dict[Importance, list[int]] = {i: [] for i in Importance}
+        # than tuples.
+        ahead: list[list[int]] = [[] for _ in Importance]
         least_important_first = [(level, ahead[level]) for level in LEAST_IMPORTANT_FIRST]
-        heaps = False
         demoted: list[Request] = []
-        plan = self._plan
+        plan, plan_entry = self._plan, self._plan_entry
         shed_share = 1.0 / self.config.sheddable_margin
         for i, r in enumerate(candidates):
-            work, deadline, importance = plan.get(r) or self._plan_entry(r)
+            work, deadline, importance = plan.get(r) or plan_entry(r)
             if importance is SHEDDABLE:
                 deadline = now + (deadline - now) * shed_share
             dt = work * inv_rate
@@ -176,16 +179,9 @@ class DeadlineScheduler(Scheduler):
                 demoted.append(r)
                 continue
             t += dt
-            if heaps:
-                heapq.heappush(ahead[importance], -(work * n + i))
-            else:
-                ahead[importance].append(-(work * n + i))
+            heapq.heappush(ahead[importance], -(work * n + i))
             if t <= deadline:
                 continue
-            if not heaps:
-                for kept in ahead.values():
-                    heapq.heapify(kept)
-                heaps = True
             # Make room: relegate kept requests, least important level first and the largest first
             # within a level, until this one meets its deadline.
             for level, heap in least_important_first:
