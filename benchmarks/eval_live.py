@@ -119,6 +119,7 @@ def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses
     if fitted.exists():
         return fitted
     log = work / "iterations-calibration.jsonl"
+    log.unlink(missing_ok=True)  # an interrupted calibration starts afresh
     cmd = [niyama, "serve", "--port", "8100", "--scheduler", "niyama", "--qos-config", str(QOS_CONFIG),
            "--profile", str(profile), "--iteration-log", str(log)]
     with server(cmd, 8100, work / "server-calibration.log") as url:
