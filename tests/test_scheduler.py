@@ -187,6 +187,15 @@ def test_hopeless_request_is_relegated_but_still_completes(build):
     assert hopeless.slo_met is False and fine.slo_met is True
 
 
+def test_full_relegation_walk_runs_once_per_period(build):
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation_period=1.0)
+    s.add(make_request(50, rid="a"))
+    assert s.walk_due(0.0)
+    s.schedule(0.0)
+    assert not s.walk_due(0.5) and s.walk_due(1.0)
+    assert not build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False).walk_due(0.0)
+
+
 def test_preemption_frees_blocks_and_recomputes_without_loss(build):
     # 6 blocks of 4 tokens = 24 tokens; two requests of 8 prompt + 8 output tokens cannot both finish.
     s = build("fcfs", num_blocks=6, block_size=4, chunk_size=64)
