@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QOS_CONFIG = ROOT / "configs" / "cpu-smollm2-eval.toml"
 TRACE, LENGTH_SCALE, SEED = "azure_conv", 0.1, 0
 CALIBRATION_SEED = 1  # the calibration run's workload: other requests than the capacity searches'
+OUR_PORT = 8100
 MAX_BATCHED_TOKENS = 512  # `niyama serve`'s default, mirrored in the simulator
 SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
 VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
@@ -105,6 +106,13 @@ def cached(path: Path, compute) -> Any:
     return value
 
 
+def serve_cmd(niyama: str, scheduler: str, profile: Path, iteration_log: Path | None = None) -> list[str]:
+    """`niyama serve` on this evaluation's port, classes and profile."""
+    cmd = [niyama, "serve", "--port", str(OUR_PORT), "--scheduler", scheduler, "--qos-config", str(QOS_CONFIG),
+           "--profile", str(profile)]
+    return cmd + ["--iteration-log", str(iteration_log)] if iteration_log else cmd
+
+
 def fit_served(niyama: str, iteration_log: Path, base: Path, out: Path) -> None:
     """A profile fitted to a server's logged iterations (``base`` gives the bins)."""
     subprocess.run([niyama, "profile", "--from-log", str(iteration_log), "--base", str(base), "-o", str(out)],
@@ -120,9 +128,7 @@ def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses
         return fitted
     log = work / "iterations-calibration.jsonl"
     log.unlink(missing_ok=True)  # an interrupted calibration starts afresh
-    cmd = [niyama, "serve", "--port", "8100", "--scheduler", "niyama", "--qos-config", str(QOS_CONFIG),
-           "--profile", str(profile), "--iteration-log", str(log)]
-    with server(cmd, 8100, work / "server-calibration.log") as url:
+    with server(serve_cmd(niyama, "niyama", profile, log), OUR_PORT, work / "server-calibration.log") as url:
         run_args = bench_args(["--base-url", url, "--qos-mode", "niyama", "--duration", str(args.duration),
                                "--drain-timeout", str(args.duration), "--seed", str(CALIBRATION_SEED)])
         run_load(build_workload(workload(run_args, classes, rate)), classes, config(run_args))
@@ -189,15 +195,12 @@ def main() -> None:
     iteration_log = work / "iterations-niyama.jsonl"
     for name in SCHEDULERS:
         overload_rate = OVERLOAD * live["niyama"]["capacity"] if name != "niyama" else None
-        cmd = [niyama, "serve", "--port", "8100", "--scheduler", name, "--qos-config", str(QOS_CONFIG),
-               "--profile", str(profile)]
-        if name == "niyama":
-            cmd += ["--iteration-log", str(iteration_log)]
+        cmd = serve_cmd(niyama, name, profile, iteration_log if name == "niyama" else None)
 
         def run_ours(name=name, cmd=cmd, overload_rate=overload_rate) -> dict[str, Any]:
             if name == "niyama":
                 iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
-            with server(cmd, 8100, work / f"server-{name}.log") as url:
+            with server(cmd, OUR_PORT, work / f"server-{name}.log") as url:
                 return measure(name, url, "niyama", predicted[name]["capacity"], overload_rate, args, classes, work)
 
         live[name] = cached(work / f"live-{name}.json", run_ours)
