@@ -1,3 +1,5 @@
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,6 +196,45 @@ def test_full_relegation_walk_runs_once_per_period(build):
     s.schedule(0.0)
     assert not s.walk_due(0.5) and s.walk_due(1.0)
     assert not build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False).walk_due(0.0)
+
+
+def test_a_walk_in_steps_relegates_what_one_full_walk_does(build):
+    levels = ["critical", "standard", "sheddable"]
+
+    def walk(step):
+        s = build("niyama", predictor=linear_predictor(0.01, 1e-4))
+        s.WALK_STEP = step
+        rng = random.Random(0)
+        for i in range(700):
+            s.add(make_request(rng.randint(10, 3000), arrival=-rng.uniform(0, 5.5), importance=levels[i % 3],
+                               rid=f"r{i}"))
+        decisions = 0
+        while s.walk_due(0.0):
+            s.relegate([r for _, _, r in s.waiting], 0.0)
+            decisions += 1
+        return decisions, {r.request_id for _, _, r in s.relegated}
+
+    decisions, relegated = walk(256)
+    assert decisions == 3
+    assert 0 < len(relegated) < 700
+    assert walk(10_000) == (1, relegated)
+
+
+def test_a_walk_never_relegates_a_request_whose_prefill_ended_since_it_began(build):
+    # The walk takes one request per decision. "shed" (1 s of prefill) fits, and the first decision
+    # prefills it and 0.2 s of "std" (5 s); at the next, "std" misses its deadline by 0.3 s because of
+    # "shed", which now decodes: relegating it would save nothing, so "std" goes, the largest of its level.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), dynamic_chunking=False, hybrid_alpha=0.0)
+    rate = s.prefill_rate
+    s.config.chunk_size = int(rate * 1.2)
+    s.WALK_STEP = 1
+    s.add(make_request(int(rate), arrival=-1.0, importance="sheddable", rid="shed"))
+    s.add(make_request(int(rate * 5), arrival=-0.5, importance="standard", rid="std"))
+    s.update(s.schedule(0.0), 0.0)
+    shed, std = s.get("shed"), s.get("std")
+    assert shed.is_decoding and std.status is RequestStatus.RUNNING and s.walk_due(0.0)
+    s.schedule(0.0)
+    assert not shed.relegated and std.relegated
 
 
 def test_preemption_frees_blocks_and_recomputes_without_loss(build):

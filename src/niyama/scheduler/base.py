@@ -214,6 +214,11 @@ class Scheduler:
     def _prefill_order(self, partials: list[Request], now: float) -> Iterator[Request]:
         """Partly prefilled requests merged into the (already sorted) waiting queue, lazily: under
         overload the queue is long and an iteration usually needs only its head."""
+        if not partials:
+            return map(itemgetter(2), self.waiting)
+        return self._merged_order(partials, now)
+
+    def _merged_order(self, partials: list[Request], now: float) -> Iterator[Request]:
         keyed = sorted(((self.running_key(r, now), r) for r in partials), key=lambda kr: kr[0])
         waiting = iter(self.waiting)
         head = next(waiting, None)  # the first waiting entry not yielded yet

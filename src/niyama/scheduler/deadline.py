@@ -15,17 +15,32 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from niyama.memory import KVBlockManager
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import Importance
-from niyama.request import FinishReason, Request
+from niyama.request import FinishReason, Request, RequestStatus
 from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
 from niyama.scheduler.batch import Batch
 
 LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
 SHEDDABLE = Importance.SHEDDABLE
+QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+RUNNING = RequestStatus.RUNNING
+
+
+@dataclass(slots=True)
+class _Walk:
+    """A relegation walk in progress over a snapshot of the queue in priority order."""
+
+    queue: list[Request]
+    inv_rate: float  # s per prefill token, fixed for the walk
+    t: float  # when the prefill of the last kept request is estimated to end
+    position: int = 0  # requests visited so far
+    # Per importance level, the kept requests as max-heaps by prefill work, later position first on
+    # ties. An entry is one int, -(work × len(queue) + position): ints compare much faster than tuples.
+    ahead: list[list[int]] = field(default_factory=lambda: [[] for _ in Importance])
 
 
 class DeadlineScheduler(Scheduler):
@@ -47,6 +62,7 @@ class DeadlineScheduler(Scheduler):
         self.prefill_rate = config.chunk_size / self.iteration_time
         self._budget = config.chunk_size
         self._next_walk = float("-inf")
+        self._walk: _Walk | None = None
 
     def set_predictor(self, predictor: BatchTimePredictor) -> None:
         old, chunk = self.predictor, self.config.chunk_size
@@ -140,9 +156,14 @@ class DeadlineScheduler(Scheduler):
             self.prefill_rate += self.RATE_SMOOTHING * (batch.num_prefill_tokens / seconds - self.prefill_rate)
         return batch
 
+    @property
+    def walking(self) -> bool:
+        """Whether a relegation walk is in progress (see ``relegate``)."""
+        return self._walk is not None
+
     def walk_due(self, now: float) -> bool:
-        """Whether a decision at ``now`` runs the full relegation walk (see ``relegate``)."""
-        return self.config.relegation and now >= self._next_walk
+        """Whether a decision at ``now`` starts a relegation walk or continues one."""
+        return self.config.relegation and (self.walking or now >= self._next_walk)
 
     def relegate(self, candidates: Iterable[Request], now: float) -> Iterable[Request]:
         """Walk the queue in priority order, accumulating estimated prefill time. When a request would
@@ -151,27 +172,44 @@ class DeadlineScheduler(Scheduler):
         included), so that overload costs as few requests as possible. A sheddable request counts as
         missing when it would use more than 1/``sheddable_margin`` of the time left to its deadline.
 
-        The walk visits the whole queue, which under overload holds thousands of batch requests, so it
-        runs at most every ``relegation_period`` seconds; in between, ``admissible`` still relegates a
-        request that could not make its deadline even if served right now.
+        Under overload the queue holds thousands of batch requests, so a walk starts at most every
+        ``relegation_period`` seconds and each decision takes it ``WALK_STEP`` requests further: the
+        head of the queue, which is served first, is judged first. In between, ``admissible`` still
+        relegates a request that could not make its deadline even if served right now.
         """
         if not self.walk_due(now):
             return candidates
-        self._next_walk = now + self.config.relegation_period
-        candidates = list(candidates)  # walked twice: once to decide, once to drop the relegated
-        inv_rate = 1.0 / self.prefill_rate
-        n = len(candidates)
-        t = now
-        # Per importance level, the requests kept so far as max-heaps by prefill work, later position
-        # first on ties. An entry is one int, -(work × n + position), because ints compare much faster
-        # than tuples.
-        ahead: list[list[int]] = [[] for _ in Importance]
+        walk = self._walk
+        if walk is None:
+            self._next_walk = now + self.config.relegation_period
+            walk = self._walk = _Walk(list(candidates), 1.0 / self.prefill_rate, now)
+            candidates = walk.queue
+        self._relegate(self._walk_step(walk, now))
+        if walk.position == len(walk.queue):
+            self._walk = None
+        return (r for r in candidates if not r.relegated)
+
+    WALK_STEP = 256  # requests a decision takes the relegation walk through
+
+    def _walk_step(self, walk: _Walk, now: float) -> list[Request]:
+        """The next ``WALK_STEP`` requests of ``walk``; returns those to relegate. Requests that started,
+        finished or were relegated since the walk began count with the prefill work they have left."""
+        queue, n, inv_rate, ahead = walk.queue, len(walk.queue), walk.inv_rate, walk.ahead
         least_important_first = [(level, ahead[level]) for level in LEAST_IMPORTANT_FIRST]
         demoted: list[Request] = []
-        plan, plan_entry = self._plan, self._plan_entry
+        plan, plan_entry = self._plan, self._plan_entry  # plan: every queued request's entry
         shed_share = 1.0 / self.config.sheddable_margin
-        for i, r in enumerate(candidates):
-            work, deadline, importance = plan.get(r) or plan_entry(r)
+        t = walk.t
+        stop = min(walk.position + self.WALK_STEP, n)
+        for i in range(walk.position, stop):
+            r = queue[i]
+            status = r.status
+            if status in QUEUED:
+                work, deadline, importance = plan[r]
+            elif status is RUNNING and not r.relegated:
+                work, deadline, importance = plan_entry(r)
+            else:  # relegated, finished or aborted since the walk began
+                continue
             if importance is SHEDDABLE:
                 deadline = now + (deadline - now) * shed_share
             dt = work * inv_rate
@@ -189,10 +227,18 @@ class DeadlineScheduler(Scheduler):
                     break
                 while heap and t > deadline:
                     victim_work, victim = divmod(-heapq.heappop(heap), n)
-                    demoted.append(candidates[victim])
+                    victim_request = queue[victim]
+                    status = victim_request.status
+                    if status is RUNNING:  # started since: only its remaining prefill can be saved
+                        if victim_request.relegated or not victim_request.prefill_remaining:
+                            continue
+                        victim_work = min(victim_work, victim_request.prefill_remaining)
+                    elif status not in QUEUED:
+                        continue
+                    demoted.append(victim_request)
                     t -= victim_work * inv_rate
-        self._relegate(demoted)
-        return [r for r in candidates if not r.relegated]
+        walk.t, walk.position = t, stop
+        return demoted
 
     def relegated_order(self, requests: Iterator[Request], now: float) -> Iterator[Request]:
         """Those that can still meet their deadline first: leftover budget spent on a request that is
