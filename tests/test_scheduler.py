@@ -119,6 +119,18 @@ def test_dynamic_chunk_without_decodes_and_under_memory_pressure(build):
     assert s.token_budget([], 0.0) == 512
 
 
+@pytest.mark.parametrize(("cap", "order"), [(4.0, ["now", "long", "later"]), (float("inf"), ["now", "later", "long"])])
+def test_hybrid_term_is_capped_by_the_slo_window(build, cap, order):
+    # α = 8 ms/token: the 10,000-token prompt's term (80 s) is capped at 4 × its 6 s TTFT window, so it goes
+    # at 6 + 24 = 30 s, ahead of a short prompt due at 46 s; uncapped it would go at 86 s, behind it.
+    s = build("niyama", hybrid_alpha=0.008, hybrid_cap=cap, relegation=False, dynamic_chunking=False,
+              chunk_size=20_000)
+    s.add(make_request(10_000, arrival=0.0, rid="long"))
+    s.add(make_request(100, arrival=40.0, rid="later"))
+    s.add(make_request(100, arrival=20.0, rid="now"))
+    assert prefill_ids(s.schedule(41.0)) == order
+
+
 def test_chunk_budget_limits_the_batch(build):
     s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
     r = _decoding(s, "d", arrival=0.0, now=0.0)

@@ -35,6 +35,9 @@ class SchedulerConfig:
     dynamic_chunking: bool = True
     relegation: bool = True
     hybrid_alpha: float = 0.008  # s per token; 0 gives EDF ordering
+    # The hybrid term is at most this many times the request's own SLO window (TTFT, or TTLT for batch
+    # work): without a bound, a long interactive prompt falls behind minutes of later-due work and is lost.
+    hybrid_cap: float = 4.0
     safety: float = 1.2  # predicted batch time is multiplied by this before comparing with slack
     chunk_candidates: tuple[int, ...] = DEFAULT_CHUNK_CANDIDATES
     low_memory_free: float = 0.1  # below this free KV fraction, chunks are capped at low_memory_chunk

@@ -2,7 +2,8 @@
 
 1. Dynamic chunking: the token budget is the largest candidate whose predicted batch time (× safety)
    fits in the smallest decode slack, instead of a fixed chunk.
-2. Hybrid prioritization: prompt priority = deadline + α × remaining work (α = 0 is EDF).
+2. Hybrid prioritization: prompt priority = deadline + α × remaining work (α = 0 is EDF), the second
+   term at most ``hybrid_cap`` × the request's SLO window.
 3. Eager relegation: walking the queue in priority order with the estimated prefill rate, a request
    that would finish its prefill after its deadline makes room by relegation: less important requests
    ahead of it go first (sheddable, then standard), then the largest of its own level (itself
@@ -92,7 +93,7 @@ class DeadlineScheduler(Scheduler):
         work = request.prefill_remaining
         if not request.qos.interactive:
             work += self.decode_estimate(request)
-        return request.deadline + alpha * work
+        return request.deadline + min(alpha * work, self.config.hybrid_cap * (request.deadline - request.arrival))
 
     def waiting_key(self, request: Request) -> SortKey:
         self._plan[request] = self._plan_entry(request)
