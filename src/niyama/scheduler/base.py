@@ -44,7 +44,7 @@ class SchedulerConfig:
     low_memory_chunk: int = 512
     decode_prior: int = 128  # decode-length estimate before a class has history
     decode_sigmas: float = 2.0  # the estimate is mean + this many standard deviations
-    relegation_period: float = 1.0  # s between full relegation walks of the queue
+    relegation_period: float = 1.0  # s between the starts of relegation walks of the queue
     # A sheddable request stays in the normal queue only if its prefill is predicted to end within
     # 1/sheddable_margin of the time left to its deadline; the rest is headroom for more important work
     # that has not arrived yet. 1 treats sheddable requests like the others.
