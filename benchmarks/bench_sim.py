@@ -83,7 +83,7 @@ def bench_decision(waiting: int, decisions: int) -> list[float]:
     scheduler, add = _scheduler_with(waiting, np.random.default_rng(0))
     predictor = scheduler.predictor
     now = 0.0
-    walks, others = [], []  # decisions with and without the full relegation walk
+    walks, others = [], []  # decisions that take a relegation walk a step, and the rest
     for _ in range(decisions):
         walk_due = scheduler.walk_due(now)
         start = time.perf_counter()

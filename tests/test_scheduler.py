@@ -201,7 +201,7 @@ def test_hopeless_request_is_relegated_but_still_completes(build):
     assert hopeless.slo_met is False and fine.slo_met is True
 
 
-def test_full_relegation_walk_runs_once_per_period(build):
+def test_a_relegation_walk_starts_once_per_period(build):
     s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation_period=1.0)
     s.add(make_request(50, rid="a"))
     assert s.walk_due(0.0)
