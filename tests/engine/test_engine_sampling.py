@@ -68,3 +68,21 @@ def test_invalid_params():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError):
         SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=1 << 64)
+
+
+def test_extreme_values_sample_sensibly():
+    """Values that round to 0 in float32, or exceed the vocabulary, act as their limits (no NaN)."""
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).repeat(3, 1)
+    params = [SamplingParams(temperature=1e-50), SamplingParams(top_p=1e-50, seed=1),
+              SamplingParams(top_k=1 << 62, temperature=1e-3, seed=2)]
+    assert params[0].greedy
+    tokens, _ = Sampler()(logits, ["a", "b", "c"], params)
+    assert tokens == [1, 1, 1]
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused(engine32, prompt_ids):
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine32.generate([[1, 1 << 40]], SamplingParams(max_tokens=2))
+    assert len(engine32.generate([prompt_ids[0]], SamplingParams(max_tokens=2))[0].token_ids) == 2

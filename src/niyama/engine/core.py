@@ -101,7 +101,13 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def add(self, request: Request, params: SamplingParams) -> None:
-        """Queue a request; its stop tokens are set from ``params`` (and EOS unless ``ignore_eos``)."""
+        """Queue a request; its stop tokens are set from ``params`` (and EOS unless ``ignore_eos``).
+        A prompt token outside the vocabulary raises ``ValueError`` (it would fail the whole batch)."""
+        vocab = self.runner.config.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request.request_id}: prompt token id {bad[0]} is outside the vocabulary "
+                             f"[0, {vocab})")
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         request.stop_token_ids = frozenset(params.stop_token_ids) | eos
         self.scheduler.add(request)
@@ -143,9 +149,12 @@ class EngineCore:
             if rid not in sampled or rid not in self._detok:
                 continue
             detok = self._detok[rid]
-            if detok.update(self.tokenizer, request) and rid not in finished:
-                self.scheduler.finish(request, now, FinishReason.STOP)
-                finished.add(rid)
+            if detok.update(self.tokenizer, request):  # a stop string ends the request
+                if rid in finished:  # it also reached max_tokens, but the text was cut at the stop string
+                    request.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(request, now, FinishReason.STOP)
+                    finished.add(rid)
             done = rid in finished
             outputs.append(StepOutput(request, detok.delta(done), done))
             if done:

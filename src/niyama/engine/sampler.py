@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing float32 logits by ~0 gives NaN)
+SEED_RANGE = range(-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed accepts
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
     seed: int | None = None  # per-request generator: the same output whatever the batch around it
@@ -29,10 +32,12 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.seed is not None and self.seed not in SEED_RANGE:
+            raise ValueError(f"seed must be in [-2^63, 2^64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -89,12 +94,13 @@ def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab, device = logits.shape[-1], logits.device
     ranks = torch.arange(vocab, device=device)
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)
+    top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)
     remove = ranks[None, :] >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
     remove = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
+    remove[:, 0] = False  # even when top_p rounds to 0 in float32
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
