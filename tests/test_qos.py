@@ -28,6 +28,8 @@ def test_batch_deadline_is_the_same_for_every_token():
         ({}, "ttft"),
         ({"ttft": 1.0, "tbt": 0.05, "ttlt": 10.0}, "ttlt"),
         ({"ttlt": "soon"}, "ttlt"),
+        ({"ttlt": float("inf")}, "ttlt"),
+        ({"ttft": float("nan"), "tbt": 0.05}, "ttft"),
     ],
 )
 def test_invalid_specs_name_their_field(kwargs, field):

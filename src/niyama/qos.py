@@ -9,6 +9,7 @@ the deadlines after it.
 from __future__ import annotations
 
 import enum
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -63,8 +64,8 @@ class QoS:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise QoSError(f"{field} must be a number of seconds, got {value!r}", field)
-            if not value > 0:
-                raise QoSError(f"{field} must be positive, got {value!r}", field)
+            if not (value > 0 and math.isfinite(value)):
+                raise QoSError(f"{field} must be positive and finite, got {value!r}", field)
         if self.ttlt is not None and (self.ttft is not None or self.tbt is not None):
             raise QoSError("give either ttft/tbt (interactive) or ttlt (non-interactive), not both", "ttlt")
         if self.ttlt is None and (self.ttft is None or self.tbt is None):

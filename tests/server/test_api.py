@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -108,6 +109,9 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"n": 2}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 100_000}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"seed": 1 << 64}, "seed"),
+    ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
 ])
 def test_bad_requests(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -121,6 +125,46 @@ def test_unknown_model(server):
     with pytest.raises(openai.NotFoundError) as e:
         server.client().chat.completions.create(model="gpt-5", messages=HI)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_malformed_bodies_and_routes_get_openai_errors(server):
+    chat = f"{server.url}/v1/chat/completions"
+    bad_part = httpx.post(chat, json={"model": server.model, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]})
+    assert bad_part.status_code == 400 and bad_part.json()["error"]["param"].startswith("messages.0.content")
+    not_json = httpx.post(chat, content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] is None
+    assert "not valid JSON" in not_json.json()["error"]["message"]
+    # Valid JSON whose number overflows to infinity: a deadline that never comes is refused.
+    body = json.dumps({"model": server.model, "messages": HI, "max_tokens": 2, "qos": {"ttlt": 1.0}})
+    endless = httpx.post(chat, content=body.replace('"ttlt": 1.0', '"ttlt": 1e309'),
+                         headers={"Content-Type": "application/json"})
+    assert endless.status_code == 400 and endless.json()["error"]["param"] == "qos.ttlt"
+    for response in (httpx.get(f"{server.url}/v1/nope"), httpx.get(chat)):
+        assert response.status_code in (404, 405) and response.json()["error"]["message"]
+
+
+def test_a_bad_prompt_fails_alone(server):
+    """Token ids outside the vocabulary are refused up front; a request running beside them is unharmed."""
+    client = server.client()
+    stream = client.completions.create(model=server.model, prompt="Once upon a time", max_tokens=12,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))  # the request is running
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model, prompt=[1, 99_999_999], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "99999999" in e.value.body["message"]
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert len(first.choices[0].text + "".join(c.choices[0].text for c in rest)) > 0
+
+
+def test_a_stop_string_in_the_last_token_reports_stop(server):
+    client = server.client()
+    args = {"model": server.model, "prompt": "The capital of France is", "temperature": 0}
+    token = client.completions.create(**args, max_tokens=1).choices[0].text
+    assert len(token.strip()) >= 2  # the test cuts that one token in its middle
+    cut = client.completions.create(**args, max_tokens=1, stop=[token.strip()[1:]])
+    assert cut.choices[0].text == token[:token.index(token.strip()[1:])] and cut.choices[0].finish_reason == "stop"
 
 
 def _num_aborted(server) -> float:

@@ -35,6 +35,7 @@ def test_object_overrides_keep_class_name(policy):
     ({"tbt": 0}, None, None, "qos.tbt"),
     ({"importance": "vip"}, None, None, "qos.importance"),
     (3, None, None, "qos"),
+    ({"class": [1]}, None, None, "qos.class"),
     (None, "nope", None, "X-Niyama-QoS"),
     (None, None, "gold", "service_tier"),
 ])

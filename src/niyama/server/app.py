@@ -16,9 +16,10 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from niyama.engine.core import StepOutput
-from niyama.engine.sampler import SamplingParams
+from niyama.engine.sampler import SEED_RANGE, SamplingParams
 from niyama.engine.tokenizer import Tokenizer
 from niyama.qos import QoSError
 from niyama.request import Request as EngineRequest
@@ -53,6 +54,7 @@ class ServerState:
     policy: QoSPolicy
     model_name: str
     max_model_len: int
+    vocab_size: int  # token ids a prompt may hold: [0, vocab_size)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -72,12 +74,25 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        if err["type"] == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON: {err['ctx']['error']}").response()
+        param = _param(err["loc"][1:])
         return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param).response()
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        code = "not_found" if e.status_code == 404 else None
+        return APIError(e.status_code, str(e.detail), code=code, headers=e.headers).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -94,7 +109,8 @@ def create_app(state: ServerState) -> FastAPI:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if not messages:
             raise APIError(400, "messages must not be empty", "messages")
-        body.max_tokens = body.max_completion_tokens or body.max_tokens
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
         return await _complete(state, http, body, state.tokenizer.chat(messages), x_niyama_qos, chat=True)
 
     @app.post("/v1/completions")
@@ -106,6 +122,10 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"the prompt holds token id {bad[0]}, outside this model's vocabulary "
+                           f"[0, {state.vocab_size})", "prompt")
         return await _complete(state, http, body, ids, x_niyama_qos, chat=False)
 
     return app
@@ -121,6 +141,8 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
         raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", "top_p")
     if body.top_k < 0:
         raise APIError(400, f"top_k must be >= 0, got {body.top_k}", "top_k")
+    if body.seed is not None and body.seed not in SEED_RANGE:
+        raise APIError(400, f"seed must be in [-2^63, 2^64), got {body.seed}", "seed")
     if num_prompt_tokens < 1:
         raise APIError(400, "the prompt is empty", "prompt")
     if num_prompt_tokens >= max_model_len:
@@ -226,6 +248,15 @@ def _engine_error(e: Exception) -> APIError:
     if isinstance(e, ValueError):
         return APIError(400, str(e))
     return APIError(500, str(e), type_="server_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """A field path from pydantic's error location, without the union-member tags it inserts
+    (``stop.list[str].0`` → ``stop.0``)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))) or None
 
 
 def _finish_reason(r: EngineRequest) -> str:

@@ -53,6 +53,11 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._running = self._thread.submit(self._run)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop is running (False before ``start`` and once it has ended)."""
+        return self._running is not None and not self._running.done()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -107,6 +112,7 @@ class AsyncEngine:
             except Exception as e:  # a bug must not leave clients hanging: fail every open stream
                 log.exception("engine iteration failed")
                 self._fail_all(e)
+                self._observe_state()
 
     def _iterate(self, new: list[tuple[Request, SamplingParams]], aborts: list[str]) -> None:
         core = self.core
@@ -136,13 +142,17 @@ class AsyncEngine:
                 self._last_token_time.pop(r.request_id, None)
             elif r.last_token_time is not None:
                 self._last_token_time[r.request_id] = r.last_token_time
-        s = core.scheduler
-        self._num_queued = s.num_waiting + s.num_relegated
-        self.metrics.observe_state(s.num_running, s.num_waiting, s.num_relegated, core.kv.usage, s.num_preemptions)
+        self._observe_state()
         self._deliver([(out.request.request_id, out) for out in outputs])
         for out in outputs:
             if out.finished:
                 self._drop(out.request.request_id)
+
+    def _observe_state(self) -> None:
+        s = self.core.scheduler
+        self._num_queued = s.num_waiting + s.num_relegated
+        self.metrics.observe_state(s.num_running, s.num_waiting, s.num_relegated, self.core.kv.usage,
+                                   s.num_preemptions)
 
     def _deliver(self, items: list[tuple[str, StepOutput | BaseException]]) -> None:
         """Hand outputs to their streams with one call into the event loop."""
@@ -156,13 +166,19 @@ class AsyncEngine:
         self._last_token_time.pop(rid, None)
 
     def _fail_all(self, error: Exception) -> None:
+        """Answer every open stream with the error first, then abort its request (counted as finished)."""
         with self._cond:
             rids = list(self._streams)
-        for rid in rids:
-            self.core.abort(rid)
         self._deliver([(rid, RuntimeError(f"engine failure: {error}")) for rid in rids])
         for rid in rids:
             self._drop(rid)
+            try:
+                request = self.core.abort(rid)
+            except Exception:  # keep the loop alive for the requests still to come
+                log.exception("aborting %s after an engine failure failed", rid)
+                continue
+            if request is not None:
+                self.metrics.observe_finished(request)
 
 
 def _put_all(routed: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:

@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
         core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration, log)
         engine = AsyncEngine(core, Metrics(name), args.max_queued_requests, engine_thread)
-        state = ServerState(engine, tokenizer, policy, name, core.max_model_len)
+        state = ServerState(engine, tokenizer, policy, name, core.max_model_len, runner.config.vocab_size)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
               file=sys.stderr)
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")

@@ -40,16 +40,25 @@ class SamplingRequest(BaseModel):
     user: str | None = None
 
 
+class ContentPart(BaseModel):
+    """One part of a multi-part message; only text parts are read (others, e.g. images, are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message text (text parts of a multi-part content joined)."""
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 

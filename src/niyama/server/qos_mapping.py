@@ -55,6 +55,8 @@ class QoSPolicy:
             overrides = {k: v for k, v in qos.items() if v is not None}
             if "class" in overrides:
                 base, base_field = overrides.pop("class"), "qos.class"
+                if not isinstance(base, str):
+                    raise QoSError(f"qos.class must be a class name, got {base!r}", base_field)
         elif qos is None:
             overrides = {}
         else:
