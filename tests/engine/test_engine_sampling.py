@@ -84,5 +84,6 @@ def test_extreme_values_sample_sensibly():
 
 def test_prompt_ids_outside_the_vocabulary_are_refused(engine32, prompt_ids):
     with pytest.raises(ValueError, match="vocabulary"):
-        engine32.generate([[1, 1 << 40]], SamplingParams(max_tokens=2))
+        engine32.generate([prompt_ids[1], [1, 1 << 40]], SamplingParams(max_tokens=2))
+    assert not engine32.core.has_work()  # the valid prompt of the refused call is not left queued
     assert len(engine32.generate([prompt_ids[0]], SamplingParams(max_tokens=2))[0].token_ids) == 2

@@ -73,8 +73,13 @@ class LLMEngine:
                 raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) "
                                  f"exceeds the KV cache ({self.kv.capacity_tokens} tokens)")
             requests.append((request, sp))
-        for request, sp in requests:
-            self.core.add(request, sp)
+        try:
+            for request, sp in requests:
+                self.core.add(request, sp)
+        except ValueError:  # a refused prompt: none of this call's requests stays queued
+            for request, _ in requests:
+                self.core.abort(request.request_id)
+            raise
         texts = {r.request_id: "" for r, _ in requests}
         logprobs: dict[str, list[float]] = {r.request_id: [] for r, sp in requests if sp.logprobs}
         while self.core.has_work():
