@@ -47,3 +47,29 @@ def test_argument_errors_come_from_argparse(tmp_path):
     assert p.returncode == 2 and "must be positive" in p.stderr
     p = niyama("capacity", "--schedulers", "fcfs,lifo")
     assert p.returncode == 2 and "unknown scheduler(s): lifo" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--rate", "nan"], "argument --rate: must be a finite number"),
+        (["capacity", "--start", "inf"], "argument --start: must be a finite number"),
+        (["simulate", "--noise", "-1"], "argument --noise: must be >= 0"),
+        (["simulate", "--chunk-size", "0"], "argument --chunk-size: must be a positive integer"),
+        (["simulate", "--class-mix", "interactive=inf"], "bad weight"),
+        (["experiment", "capacity", "--report", "/nonexistent-dir/r.md"], "no such directory: /nonexistent-dir"),
+        (["profile", "-o", "/nonexistent-dir/p.json"], "no such directory: /nonexistent-dir"),
+        (["serve", "--port", "70000"], "argument --port: must be a TCP port"),
+        (["serve", "--max-num-batched-tokens", "0"], "must be a positive integer"),
+        (["bench", "--cv", "inf"], "argument --cv: must be a finite number"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_before_it_starts(args, message):
+    p = niyama(*args)
+    assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_rate_too_low_for_the_duration_still_sends_one_request(tmp_path):
+    p = niyama("simulate", "--rate", "1", "--duration", "0.001", "--output-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "sim-azure_code-niyama.json").read_text())["overall"]["requests"] == 1

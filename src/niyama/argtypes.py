@@ -1,15 +1,55 @@
-"""Argument types shared by the ``niyama`` subcommands: positive numbers and ``name=value`` lists."""
+"""Argument types shared by the ``niyama`` subcommands: checked numbers and ``name=value`` lists."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def positive(text: str) -> float:
-    value = float(text)
+    value = _finite(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file to write at the end of a long run: its folder must exist now."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    return path
 
 
 def mix(text: str) -> dict[str, float]:
@@ -18,9 +58,9 @@ def mix(text: str) -> dict[str, float]:
     for part in filter(None, text.split(",")):
         name, _, weight = part.partition("=")
         try:
-            out[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad weight in {part!r}") from None
+            out[name.strip()] = non_negative(weight) if weight else 1.0
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"bad weight in {part!r} (a finite number >= 0)") from None
     if not out:
         raise argparse.ArgumentTypeError("empty mix")
     return out

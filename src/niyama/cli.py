@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from niyama.argtypes import mix, positive
+from niyama.argtypes import mix, non_negative, output_file, positive, positive_int
 from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
@@ -26,15 +26,15 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-scale", type=positive, default=1.0, help="multiply prompt and output lengths")
     p.add_argument("--profile", default="a100-llama3-8b",
                    help=f"latency profile: built-in ({', '.join(builtin_profiles())}) or a JSON path")
-    p.add_argument("--noise", type=float, default=0.05, help="std of multiplicative batch-time noise")
+    p.add_argument("--noise", type=non_negative, default=0.05, help="std of multiplicative batch-time noise")
     p.add_argument("--qos-config", default=None, help="QoS class file (TOML); default: the paper's classes")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=256, help="token budget of fixed-budget schedulers")
-    p.add_argument("--alpha", type=float, default=0.008, help="Niyama hybrid α (s/token); 0 = EDF order")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="token budget of fixed-budget schedulers")
+    p.add_argument("--alpha", type=non_negative, default=0.008, help="Niyama hybrid α (s/token); 0 = EDF order")
     p.add_argument("--no-dynamic-chunking", action="store_true", help="Niyama ablation switch")
     p.add_argument("--no-relegation", action="store_true", help="Niyama ablation switch")
     p.add_argument("--output-dir", type=Path, default=Path("results"), help="where CSV/JSON/PNG go")
-    p.add_argument("--workers", type=int, default=2, help="parallel simulation processes")
+    p.add_argument("--workers", type=positive_int, default=2, help="parallel simulation processes")
 
 
 def _setup(args: argparse.Namespace):
@@ -59,8 +59,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     setup = _setup(args)
     classes = QoSClasses.load(args.qos_config)
-    spec = WorkloadSpec(trace=args.trace, rate=args.rate,
-                        num_requests=args.num_requests or (int(args.rate * args.duration) if args.rate else None),
+    num = args.num_requests or (max(1, int(args.rate * args.duration)) if args.rate else None)
+    spec = WorkloadSpec(trace=args.trace, rate=args.rate, num_requests=num,
                         class_mix=args.class_mix or {n: 1.0 for n in classes},
                         importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)
     specs = build_workload(spec)
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_args(p)
     p.add_argument("--scheduler", default="niyama", choices=list(VARIANTS))
     p.add_argument("--rate", type=positive, default=None, help="Poisson rate (default: trace arrival times)")
-    p.add_argument("--num-requests", type=int, default=None, help="number of requests (overrides duration)")
+    p.add_argument("--num-requests", type=positive_int, default=None, help="number of requests (overrides duration)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("capacity", help="max rate with ≤ 1%% violations per class, per scheduler")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "ablation, silos, or all")
     p.add_argument("name", choices=["capacity", "overload", "transient", "ablation", "silos", "all"])
     _add_workload_args(p)
-    p.add_argument("--report", type=Path, default=None, help="also write a Markdown report here")
+    p.add_argument("--report", type=output_file, default=None, help="also write a Markdown report here")
     p.set_defaults(func=cmd_experiment)
 
     from niyama.bench.commands import register as register_bench

@@ -71,5 +71,7 @@ def test_bench_errors_are_one_readable_line(tmp_path):
            "--num-requests", "1", "--output-dir", str(tmp_path), *TINY]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("niyama: error: cannot reach")
+    done = subprocess.run([*cmd, "--model", "m"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("niyama: error: cannot reach")
     done = subprocess.run([*cmd, "--class-mix", "nosuch"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown QoS class 'nosuch'" in done.stderr

@@ -176,9 +176,12 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
         result.ended = time.perf_counter() - t0
 
 
-async def list_models(session: aiohttp.ClientSession, base_url: str) -> list[str]:
+async def list_models(session: aiohttp.ClientSession, base_url: str, required: bool = True) -> list[str]:
+    """The server's model ids. Not ``required``: only check that the server answers (any HTTP status)."""
     try:
         async with session.get(f"{base_url}/models") as resp:
+            if not required:
+                return []
             if resp.status != 200:
                 raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
             models = [m["id"] for m in (await resp.json())["data"]]
@@ -217,7 +220,8 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        model = cfg.model or (await list_models(session, base))[0]
+        models = await list_models(session, base, required=cfg.model is None)  # fail fast if nobody answers
+        model = cfg.model or models[0]
         url = f"{base}/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
         bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from niyama.argtypes import mapping, mix, positive
-from niyama.bench.client import QOS_MODES, BenchConfig, RunResult, run_load
+from niyama.argtypes import mapping, mix, positive, positive_int
+from niyama.bench.client import QOS_MODES, BenchConfig, RunResult, ServerError, run_load
 from niyama.qos import QoSClasses
 from niyama.sim.workload import TRACE_FILES, WorkloadSpec, build_workload
 
@@ -35,22 +35,22 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(g, "--priorities", type=mapping, default=None,
            help="class=int for --qos-mode priority (default: tightest deadline first, from 0)")
     add(g, "--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
-    add(g, "--vocab-size", type=int, default=32000, help="random prompt ids are below this")
+    add(g, "--vocab-size", type=positive_int, default=32000, help="random prompt ids are below this")
     w = p.add_argument_group("workload")
     add(w, "--trace", default="azure_conv",
            help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
            "with --input-len/--output-len (default: azure_conv)")
-    add(w, "--input-len", type=int, default=128, help="prompt tokens of --trace synthetic")
-    add(w, "--output-len", type=int, default=128, help="output tokens of --trace synthetic")
+    add(w, "--input-len", type=positive_int, default=128, help="prompt tokens of --trace synthetic")
+    add(w, "--output-len", type=positive_int, default=128, help="output tokens of --trace synthetic")
     add(w, "--cv", type=positive, default=1.0,
            help="burstiness: gamma inter-arrivals with this coefficient of variation (1 = Poisson)")
     add(w, "--duration", type=positive, default=120.0, help="seconds of arrivals (requests = rate × this)")
-    add(w, "--num-requests", type=int, default=None, help="number of requests (overrides --duration)")
+    add(w, "--num-requests", type=positive_int, default=None, help="number of requests (overrides --duration)")
     add(w, "--class-mix", type=mix, default=None, help="e.g. interactive=1,batch-10m=1 (default: equal)")
     add(w, "--importance-mix", type=mix, default={"standard": 1.0},
            help="e.g. critical=0.4,standard=0.4,sheddable=0.2")
     add(w, "--length-scale", type=positive, default=1.0, help="multiply trace lengths (small models)")
-    add(w, "--max-prompt-tokens", type=int, default=None, help="clip longer prompts")
+    add(w, "--max-prompt-tokens", type=positive_int, default=None, help="clip longer prompts")
     add(w, "--qos-config", default=None,
            help="QoS classes the requests ask for and are judged by; use the server's file")
     add(w, "--seed", type=int, default=0)
@@ -118,15 +118,24 @@ def save_run(run: RunResult, classes: QoSClasses, stem: Path, title: str) -> dic
     return summary
 
 
+def _check_any_succeeded(summary: dict[str, Any], stem: Path) -> None:
+    """A run in which every request sent failed measured no server: stop with an error."""
+    sent = summary["overall"]["requests"]
+    if sent and summary["errors"] == sent:
+        raise ServerError(f"all {sent} requests sent failed; the errors are in {stem}.jsonl")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from niyama.sim.report import format_summary
 
     classes = QoSClasses.load(args.qos_config)
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # fail before the run, not after it
     specs = build_workload(workload(args, classes, args.rate))
     run = run_load(specs, classes, config(args))
     label = args.label or f"{args.qos_mode}-{args.rate or 'trace'}"
     stem = args.output_dir / f"bench-{label}"
     summary = save_run(run, classes, stem, f"{label}: {len(specs)} requests")
+    _check_any_succeeded(summary, stem)
     print(format_summary(summary))
     if summary["errors"]:
         print(f"{summary['errors']} requests failed (counted as violations); see {stem}.jsonl")
@@ -152,6 +161,7 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
         run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
         summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s")
+        _check_any_succeeded(summary, stem)
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.
         early = run.stop_reason == "violations"
         worst = args.stop_at if early else max_class_violation(summary)
@@ -168,6 +178,7 @@ def cmd_capacity(args: argparse.Namespace) -> None:
 
     classes = QoSClasses.load(args.qos_config)
     label = args.label or f"capacity-{args.qos_mode}"
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # fail before the search, not after it
     result, runs = find_live_capacity(args, classes, args.output_dir / label, label)
     path = args.output_dir / f"{label}.json"
     path.write_text(json.dumps({"capacity": result.capacity, "threshold": result.threshold,

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from niyama.argtypes import non_negative, output_file, positive, positive_int
 from niyama.engine.config import EngineConfig
 
 if TYPE_CHECKING:
@@ -22,9 +23,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: bfloat16 where the "
                    "hardware computes it natively, else float32)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the paged KV cache")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -38,10 +39,10 @@ def register(subparsers) -> None:
                               description="Run the engine on random mixed batches, fit the batch-time "
                               "predictor on a train split, print its held-out error and save it.")
     _add_engine_args(p)
-    p.add_argument("--num-batches", type=int, default=80)
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest batch, in tokens")
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3, help="rounds of timed runs over all batches (the median "
+    p.add_argument("--num-batches", type=positive_int, default=80)
+    p.add_argument("--max-tokens", type=positive_int, default=1024, help="largest batch, in tokens")
+    p.add_argument("--max-context", type=positive_int, default=2048)
+    p.add_argument("--repeats", type=positive_int, default=3, help="rounds of timed runs over all batches (the median "
                    "per batch is kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-log", metavar="LOG", default=None,
@@ -50,15 +51,16 @@ def register(subparsers) -> None:
     p.add_argument("--base", metavar="PROFILE", default=None,
                    help="with --from-log: the profile the server used, whose description (hardware, model, "
                    "KV cache size) and bins the new one keeps")
-    p.add_argument("--output", "-o", default="profile.json", help="where to save the fitted predictor")
+    p.add_argument("--output", "-o", type=output_file, default="profile.json",
+                   help="where to save the fitted predictor")
     p.set_defaults(func=cmd_profile)
 
     g = subparsers.add_parser("generate", help="complete prompts offline with the engine")
     _add_engine_args(g)
     g.add_argument("prompt", nargs="+", help="prompt text (one request each)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--max-tokens", type=positive_int, default=128)
+    g.add_argument("--temperature", type=non_negative, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)

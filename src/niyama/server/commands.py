@@ -7,6 +7,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
+from niyama.argtypes import port, positive, positive_int
 from niyama.scheduler import SCHEDULERS
 
 NEEDS_PREDICTOR = ("niyama", "edf")
@@ -23,21 +24,21 @@ def register(subparsers) -> None:
     p.add_argument("--qos-config", default=None,
                    help="TOML of QoS classes and [service_tiers] (default: the paper's A100 classes; for "
                    "the 2-core CPU default use configs/cpu-smollm2.toml, as `make serve` does)")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the paged KV cache")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
-    p.add_argument("--max-queued-requests", type=int, default=1024,
+    p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="most requests running at once")
+    p.add_argument("--max-queued-requests", type=positive_int, default=1024,
                    help="waiting requests beyond which new ones get 429")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
-    p.add_argument("--chunk-size", type=int, default=256, help="fixed token budget of fcfs/srpf/priority")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
-    p.add_argument("--calibration-batches", type=int, default=24, help="batches profiled when calibrating")
+    p.add_argument("--calibration-batches", type=positive_int, default=24, help="batches profiled when calibrating")
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="keep the profile's batch times as they are (default: scale them by measured / "
                    "predicted time of recent iterations, exported as niyama:batch_time_scale)")

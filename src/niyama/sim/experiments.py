@@ -76,7 +76,7 @@ def run_point(setup: Setup, point: Point) -> dict[str, Any]:
     classes = QoSClasses.load(setup.qos_config)
     mix = setup.class_mix or {name: 1.0 for name in classes}
     spec = WorkloadSpec(trace=setup.trace, rate=point.rate or None, schedule=point.schedule,
-                        num_requests=int(point.rate * setup.duration) if point.rate else None,
+                        num_requests=max(1, int(point.rate * setup.duration)) if point.rate else None,
                         class_mix=mix, importance_mix=setup.importance_mix,
                         length_scale=setup.length_scale, seed=setup.seed)
     specs = build_workload(spec)

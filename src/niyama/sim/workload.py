@@ -119,6 +119,8 @@ def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: 
 
 
 def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
+    if spec.num_requests is not None and spec.num_requests < 1:
+        raise ValueError(f"a workload needs at least one request, got {spec.num_requests}")
     rng = np.random.default_rng(spec.seed)
     if spec.synthetic_lengths:
         prompt, output = spec.synthetic_lengths
