@@ -73,3 +73,15 @@ def test_a_rate_too_low_for_the_duration_still_sends_one_request(tmp_path):
     p = niyama("simulate", "--rate", "1", "--duration", "0.001", "--output-dir", str(tmp_path))
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "sim-azure_code-niyama.json").read_text())["overall"]["requests"] == 1
+
+
+def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("num_prefill_tokens,num_decode_tokens\n")
+    not_profile = tmp_path / "list.json"
+    not_profile.write_text("[]")
+    for args, message in [(["--trace", str(empty)], "has no rows"),
+                          (["--profile", str(not_profile)], "is not a batch-time profile")]:
+        p = niyama("simulate", "--rate", "1", "--duration", "5", "--output-dir", str(tmp_path), *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0]

@@ -131,7 +131,10 @@ class BatchTimePredictor:
                 known = ", ".join(builtin_profiles())
                 raise ValueError(f"cannot read profile {name_or_path} ({e.strerror}); "
                                  f"built-in profiles: {known}") from None
-        return cls.from_dict(json.loads(text))
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{name_or_path} is not a batch-time profile ({type(e).__name__}: {e})") from None
 
 
 def _relative_lstsq(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:

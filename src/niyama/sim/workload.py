@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,17 @@ def load_trace(name_or_path: str) -> Trace:
         raise FileNotFoundError(f"no trace {name_or_path!r} (known: {', '.join(TRACE_FILES)}, or a CSV path)")
     with path.open() as f:
         header = f.readline().strip().split(",")
-    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     col = {name: i for i, name in enumerate(header)}
     for needed in ("num_prefill_tokens", "num_decode_tokens"):
         if needed not in col:
             raise ValueError(f"trace {path} has no {needed} column")
+    try:
+        with warnings.catch_warnings(action="ignore"):  # "input contained no data": reported below
+            data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"trace {path}: {e}") from None
+    if len(data) == 0:
+        raise ValueError(f"trace {path} has no rows")
     arrivals = data[:, col["arrived_at"]] - data[0, col["arrived_at"]] if "arrived_at" in col else None
     prompts, decodes = data[:, col["num_prefill_tokens"]], data[:, col["num_decode_tokens"]]
     return Trace(prompts.astype(int), decodes.astype(int), arrivals)
