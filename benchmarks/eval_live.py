@@ -4,9 +4,10 @@ FCFS and priority policies, on the same model, workload, SLOs and machine. Write
 Steps (each saved under --work-dir and skipped when its file exists, so an interrupted run resumes):
   1. profile this machine (`niyama profile`): the servers' batch-time predictor and the simulator's latency model;
   2. the simulator's capacity prediction for each scheduler, from that profile;
-  3. a calibration run: Niyama's server under one load point (another seed, at the rate predicted in 2) with
-     `--iteration-log`, a profile fitted to those served iterations (`niyama profile --from-log`), and the
-     simulator's prediction from it -- made before any capacity is measured;
+  3. two calibration runs: Niyama's server under one load point (another seed; first at the rate predicted
+     in 2, then at the rate the first run's profile predicts, close to the live capacity) with
+     `--iteration-log`, a profile fitted to each run's served iterations (`niyama profile --from-log`), and
+     the simulator's prediction from the second -- made before any capacity is measured;
   4. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction),
      then one overload run at 1.5× Niyama's live capacity;
   5. the simulator's prediction again, from a profile fitted after the fact to every iteration Niyama's
@@ -119,16 +120,16 @@ def fit_served(niyama: str, iteration_log: Path, base: Path, out: Path) -> None:
                    check=True)
 
 
-def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses, work: Path) -> Path:
+def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses, work: Path, name: str) -> Path:
     """A latency model fitted to the iterations Niyama's server runs under one load point at ``rate``,
     with another workload seed than the capacity searches: the batch times of a loaded server (HTTP,
     streaming and the load generator share the cores), known before any capacity is measured."""
-    fitted = work / "profile-calibration.json"
+    fitted = work / f"profile-{name}.json"
     if fitted.exists():
         return fitted
-    log = work / "iterations-calibration.jsonl"
+    log = work / f"iterations-{name}.jsonl"
     log.unlink(missing_ok=True)  # an interrupted calibration starts afresh
-    with server(serve_cmd(niyama, "niyama", profile, log), OUR_PORT, work / "server-calibration.log") as url:
+    with server(serve_cmd(niyama, "niyama", profile, log), OUR_PORT, work / f"server-{name}.log") as url:
         run_args = bench_args(["--base-url", url, "--qos-mode", "niyama", "--duration", str(args.duration),
                                "--drain-timeout", str(args.duration), "--seed", str(CALIBRATION_SEED)])
         run_load(build_workload(workload(run_args, classes, rate)), classes, config(run_args))
@@ -188,8 +189,13 @@ def main() -> None:
         return {v: {"capacity": r.capacity, "points": r.points} for v, r in capacities(setup, SCHEDULERS).items()}
 
     predicted = cached(work / "sim-prediction.json", lambda: predict(profile))
-    calibration_rate = predicted["niyama"]["capacity"]
-    calibrated = calibrate(niyama, profile, calibration_rate, args, classes, work)
+    # The engine profile alone overrates the loaded server, so a run at its rate is busier than the search
+    # will be; the second run goes at the rate the first one's profile predicts.
+    first_rate = predicted["niyama"]["capacity"]
+    first = calibrate(niyama, profile, first_rate, args, classes, work, "calibration-first")
+    calibration_rate = cached(work / "sim-prediction-calibration-first.json",
+                              lambda: predict(first))["niyama"]["capacity"]
+    calibrated = calibrate(niyama, profile, calibration_rate, args, classes, work, "calibration")
     predicted_calibrated = cached(work / "sim-prediction-calibration.json", lambda: predict(calibrated))
     live: dict[str, Any] = {}
     iteration_log = work / "iterations-niyama.jsonl"
@@ -227,7 +233,7 @@ def main() -> None:
 
             live[name] = cached(work / f"live-{name}.json", run_vllm)
     write_report(args, live, {"measured": predicted, "calibration": predicted_calibrated, "log": predicted_logged},
-                 calibration_rate, mape, work)
+                 (first_rate, calibration_rate), mape, work)
 
 
 def serve_config(chunk_size: int = 256) -> SchedulerConfig:
@@ -249,10 +255,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
-def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]], calibration_rate: float,
-                 mape: float, work: Path) -> None:
-    """``predicted``: the simulator's capacities from the profile as measured, as fitted to the calibration
-    run and as fitted to Niyama's iteration log."""
+def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]],
+                 calibration_rates: tuple[float, float], mape: float, work: Path) -> None:
+    """``predicted``: the simulator's capacities from the profile as measured, as fitted to the (second)
+    calibration run and as fitted to Niyama's iteration log; ``calibration_rates``: of the two runs."""
     docs = args.report.parent
     label = f"{TRACE} ×{LENGTH_SCALE}"
     measured = BatchTimePredictor.load(work / "profile.json")
@@ -297,8 +303,9 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         "measured batch times (online calibration, on by default). The simulator uses the profile as its latency "
         "model, with its held-out error as noise: once as profiled; once fitted to the iterations of a "
         f"calibration run made before the capacity searches (Niyama's server, {args.duration:.0f} s at "
-        f"{calibration_rate:.2f} req/s, the rate the profile predicts, workload seed {CALIBRATION_SEED} instead "
-        f"of {SEED}; `niyama profile --from-log`, held-out MAPE {calibration_mape:.1%}); once refitted after the "
+        f"{calibration_rates[1]:.2f} req/s, workload seed {CALIBRATION_SEED} instead of {SEED}; `niyama profile "
+        f"--from-log`, held-out MAPE {calibration_mape:.1%}; its rate is the one predicted from a first such run "
+        f"at {calibration_rates[0]:.2f} req/s, the rate the profile predicts); once refitted after the "
         f"fact to every iteration Niyama's server logged during its search and overload run (held-out MAPE "
         f"{log_mape:.1%}). "
         "`niyama serve` defaults: "
