@@ -191,10 +191,11 @@ def main() -> None:
     predicted = cached(work / "sim-prediction.json", lambda: predict(profile))
     # The engine profile alone overrates the loaded server, so a run at its rate is busier than the search
     # will be; the second run goes at the rate the first one's profile predicts.
-    first_rate = predicted["niyama"]["capacity"]
+    # (A prediction of no capacity at all still calibrates, at the searches' lowest rate.)
+    first_rate = max(predicted["niyama"]["capacity"], MIN_START)
     first = calibrate(niyama, profile, first_rate, args, classes, work, "calibration-first")
-    calibration_rate = cached(work / "sim-prediction-calibration-first.json",
-                              lambda: predict(first))["niyama"]["capacity"]
+    calibration_rate = max(cached(work / "sim-prediction-calibration-first.json",
+                                  lambda: predict(first))["niyama"]["capacity"], MIN_START)
     calibrated = calibrate(niyama, profile, calibration_rate, args, classes, work, "calibration")
     predicted_calibrated = cached(work / "sim-prediction-calibration.json", lambda: predict(calibrated))
     live: dict[str, Any] = {}
