@@ -334,7 +334,11 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
 
     for n, c in cap.items():
         lines.append(f"| {n} | {c:.2f} | " + " | ".join(prediction(p, n, c) for p in predicted.values()) + " |")
-    lines += ["", "![capacity](live-capacity.png)", ""]
+    ends = {n: time.gmtime((work / f"live-{n}.json").stat().st_mtime) for n in cap}
+    finished = ", ".join(f"{n} {time.strftime('%Y-%m-%d %H:%M', t)}" for n, t in ends.items())
+    lines += ["", f"Each server's search and overload run finished (UTC): {finished}. The machine's speed drifts "
+              "over hours, so compare servers measured close together.", "",
+              "![capacity](live-capacity.png)", ""]
 
     def ratio(a: float, b: float | None, target: float, what: str) -> None:
         if b:
