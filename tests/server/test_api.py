@@ -112,6 +112,9 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"max_completion_tokens": 0}, "max_tokens"),
     ({"seed": 1 << 64}, "seed"),
     ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
+    ({"logprobs": True}, "logprobs"),  # not implemented: refused rather than silently ignored
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_requests(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -125,6 +128,23 @@ def test_unknown_model(server):
     with pytest.raises(openai.NotFoundError) as e:
         server.client().chat.completions.create(model="gpt-5", messages=HI)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert server.client().models.retrieve(server.model).id == server.model
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-5")
+
+
+def test_legacy_completions_default_to_16_tokens(server):
+    """As OpenAI and vLLM do: a legacy completion without max_tokens does not run to the context's end."""
+    r = server.client().completions.create(model=server.model, prompt="Once upon a time", temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_null_means_the_default(server):
+    body = {"model": server.model, "messages": HI, "max_tokens": 2, "temperature": None, "top_p": None,
+            "n": None, "stream": None, "presence_penalty": None, "logprobs": None, "qos": None}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_malformed_bodies_and_routes_get_openai_errors(server):
@@ -140,6 +160,12 @@ def test_malformed_bodies_and_routes_get_openai_errors(server):
     endless = httpx.post(chat, content=body.replace('"ttlt": 1.0', '"ttlt": 1e309'),
                          headers={"Content-Type": "application/json"})
     assert endless.status_code == 400 and endless.json()["error"]["param"] == "qos.ttlt"
+    # A lone surrogate is valid JSON but no text: the tokenizer refuses it, the client is told why.
+    surrogate = httpx.post(chat, content=b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+                           % server.model.encode(), headers={"Content-Type": "application/json"})
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "messages"
+    wizard = httpx.post(chat, json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}]})
+    assert wizard.status_code == 400 and wizard.json()["error"]["param"] == "messages.0.role"
     for response in (httpx.get(f"{server.url}/v1/nope"), httpx.get(chat)):
         assert response.status_code in (404, 405) and response.json()["error"]["message"]
 

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -98,10 +99,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "niyama",
+                "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "niyama", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != state.model_name:
+            raise _unknown_model(model, state.model_name)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request,
@@ -111,7 +121,9 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "messages must not be empty", "messages")
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await _complete(state, http, body, state.tokenizer.chat(messages), x_niyama_qos, chat=True)
+        _check_supported(body)
+        ids = await _tokenize(state.tokenizer.chat, messages, "messages")
+        return await _complete(state, http, body, ids, x_niyama_qos, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request,
@@ -121,7 +133,8 @@ def create_app(state: ServerState) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        _check_supported(body)
+        ids = await _tokenize(state.tokenizer.encode, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
         if bad:
             raise APIError(400, f"the prompt holds token id {bad[0]}, outside this model's vocabulary "
@@ -129,6 +142,24 @@ def create_app(state: ServerState) -> FastAPI:
         return await _complete(state, http, body, ids, x_niyama_qos, chat=False)
 
     return app
+
+
+def _unknown_model(model: str, served: str) -> APIError:
+    return APIError(404, f"the model {model!r} does not exist (served: {served!r})", "model", "model_not_found")
+
+
+def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if field := body.unsupported():
+        raise APIError(400, f"{field} is not supported by this server", field, "unsupported_parameter")
+
+
+async def _tokenize(tokenize: Callable[[Any], list[int]], text: Any, param: str) -> list[int]:
+    """Token ids of a prompt, computed off the event loop: a long prompt takes seconds to tokenize, and
+    every open stream would wait for it."""
+    try:
+        return await asyncio.to_thread(tokenize, text)
+    except (TypeError, ValueError, UnicodeError, TemplateError) as e:  # e.g. a lone surrogate in the text
+        raise APIError(400, f"the {param} cannot be tokenized: {e}", param) from None
 
 
 def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
@@ -163,8 +194,7 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
 async def _complete(state: ServerState, http: Request, body: SamplingRequest, prompt_ids: list[int],
                     header: str | None, chat: bool) -> Response:
     if body.model != state.model_name:
-        raise APIError(404, f"the model {body.model!r} does not exist (served: {state.model_name!r})", "model",
-                       "model_not_found")
+        raise _unknown_model(body.model, state.model_name)
     params = _sampling_params(body, len(prompt_ids), state.max_model_len)
     try:
         qos = state.policy.resolve(body.qos, header, body.service_tier)

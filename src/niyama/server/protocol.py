@@ -1,14 +1,16 @@
 """Request bodies of the OpenAI-compatible API (plus Niyama's ``qos`` and vLLM's extensions).
 
-Unknown fields are ignored, as OpenAI-compatible servers do. Field ranges are checked in ``app.py`` so
-that errors name the field in OpenAI's error shape.
+Unknown fields are ignored, as OpenAI-compatible servers do; OpenAI fields this server does not implement
+are refused when set to anything but their neutral value (``unsupported``), rather than silently ignored.
+An explicit ``null`` means the field's default, as in OpenAI's API. Field ranges are checked in ``app.py``
+so that errors name the field in OpenAI's error shape.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -38,6 +40,22 @@ class SamplingRequest(BaseModel):
         default=None, description="Niyama: a QoS class name, or {class, ttft, tbt, ttlt, importance} (seconds; "
         "importance: critical | standard | sheddable) overriding the class's fields")
     user: str | None = None
+    # OpenAI fields without an implementation here, each with its neutral value.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "priority",
+                     mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value  # type: ignore[index]
+
+    def unsupported(self) -> str | None:
+        """The first field set to a value whose feature this server does not implement, if any."""
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        return "logit_bias" if self.logit_bias else None
 
 
 class ContentPart(BaseModel):
@@ -52,7 +70,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
@@ -65,7 +83,29 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def unsupported(self) -> str | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs" if self.logprobs else "top_logprobs"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return "tools" if self.tools else super().unsupported()
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
+    max_tokens: int | None = 16  # OpenAI's (and vLLM's) default for legacy completions
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        for name in ("logprobs", "echo", "suffix"):
+            if getattr(self, name):
+                return name
+        return "best_of" if self.best_of not in (None, 1) else super().unsupported()
