@@ -1,8 +1,12 @@
 """The CLI as a user runs it: a real subprocess, exit codes and one readable error line."""
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,11 +46,14 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("niyama: error:") and message in lines[0]
 
 
-def test_argument_errors_come_from_argparse(tmp_path):
-    p = niyama("simulate", "--rate", "-3")
-    assert p.returncode == 2 and "must be positive" in p.stderr
-    p = niyama("capacity", "--schedulers", "fcfs,lifo")
-    assert p.returncode == 2 and "unknown scheduler(s): lifo" in p.stderr
+def test_argument_errors_are_one_line(tmp_path):
+    for args, message in [(["simulate", "--rate", "-3"], "niyama simulate: error: argument --rate: must be positive"),
+                          (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s): lifo"),
+                          (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
+                          ([], "niyama: error: the following arguments are required: command")]:
+        p = niyama(*args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
 
 
 @pytest.mark.parametrize(
@@ -61,6 +68,8 @@ def test_argument_errors_come_from_argparse(tmp_path):
         (["profile", "-o", "/nonexistent-dir/p.json"], "no such directory: /nonexistent-dir"),
         (["serve", "--port", "70000"], "argument --port: must be a TCP port"),
         (["serve", "--max-num-batched-tokens", "0"], "must be a positive integer"),
+        (["serve", "--calibration-batches", "3"], "argument --calibration-batches: must be an integer >= 6"),
+        (["profile", "--num-batches", "2"], "argument --num-batches: must be an integer >= 6"),
         (["bench", "--cv", "inf"], "argument --cv: must be a finite number"),
     ],
 )
@@ -75,13 +84,62 @@ def test_a_rate_too_low_for_the_duration_still_sends_one_request(tmp_path):
     assert json.loads((tmp_path / "sim-azure_code-niyama.json").read_text())["overall"]["requests"] == 1
 
 
+def test_duration_without_a_rate_replays_that_window_of_the_trace(tmp_path):
+    from niyama.sim.workload import load_trace
+
+    p = niyama("simulate", "--duration", "30", "--output-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    expected = int((load_trace("azure_code").arrivals < 30).sum())
+    assert json.loads((tmp_path / "sim-azure_code-niyama.json").read_text())["overall"]["requests"] == expected
+
+
 def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("num_prefill_tokens,num_decode_tokens\n")
+    nan = tmp_path / "nan.csv"  # a NaN arrival time once made the simulation loop forever
+    nan.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,10\nnan,10,10\n")
+    unsorted = tmp_path / "unsorted.csv"
+    unsorted.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n5,10,10\n1,10,10\n")
     not_profile = tmp_path / "list.json"
     not_profile.write_text("[]")
+    infinite = tmp_path / "inf.json"
+    infinite.write_text(json.dumps({"splits": [512], "bins": [[1, 0, 0, 0, 0, 0], [float("inf"), 0, 0, 0, 0, 0]]}))
     for args, message in [(["--trace", str(empty)], "has no rows"),
-                          (["--profile", str(not_profile)], "is not a batch-time profile")]:
+                          (["--trace", str(nan)], "row 2 holds a value that is not a finite number"),
+                          (["--trace", str(unsorted)], "arrived_at goes back in time at row 2"),
+                          (["--profile", str(not_profile)], "is not a batch-time profile"),
+                          (["--profile", str(infinite)], "coefficients must be finite")]:
         p = niyama("simulate", "--rate", "1", "--duration", "5", "--output-dir", str(tmp_path), *args)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        p = niyama("serve", "--port", str(taken.getsockname()[1]), "--scheduler", "fcfs")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Address already in use" in lines[0]
+
+
+def test_ctrl_c_stops_a_parallel_capacity_search_and_its_workers(tmp_path):
+    """Worker processes used to carry on with every queued run after Ctrl-C (hours for a capacity search)."""
+    cmd = [sys.executable, "-m", "niyama.cli", "capacity", "--schedulers", "fcfs,edf,niyama", "--workers", "2",
+           "--output-dir", str(tmp_path)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    while "capacity" not in seen:  # the progress bar: the workers are running
+        seen += p.stderr.read(1) or pytest.fail(f"the command ended early: {seen}")
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    assert p.wait(timeout=60) == 130
+    assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
+    for _ in range(100):  # the workers are gone too
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the interrupted command")

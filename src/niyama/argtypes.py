@@ -35,6 +35,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_least(minimum: int):
+    """An integer type that refuses values below ``minimum``."""
+
+    def check(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    return check
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:

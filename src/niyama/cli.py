@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from niyama.argtypes import mix, non_negative, output_file, positive, positive_int
 from niyama.predictor import builtin_profiles
@@ -18,7 +19,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="azure_code",
                    help=f"trace name ({', '.join(TRACE_FILES)}) or a CSV path (default: azure_code)")
     p.add_argument("--duration", type=positive, default=3600.0,
-                   help="seconds of arrivals per run; requests = rate × duration (default: 3600)")
+                   help="seconds of arrivals per run: rate × duration requests, or the trace's own "
+                        "arrivals in that window (default: 3600)")
     p.add_argument("--class-mix", type=mix, default=None,
                    help="QoS class weights, e.g. interactive=1,batch-10m=1 (default: equal over classes)")
     p.add_argument("--importance-mix", type=mix, default={"standard": 1.0},
@@ -50,16 +52,21 @@ def _setup(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from niyama.predictor import BatchTimePredictor
     from niyama.sim import plots
     from niyama.sim.experiments import variant_config
     from niyama.sim.report import format_summary, request_row, summarize, write_rows
     from niyama.sim.simulator import SimConfig, simulate
-    from niyama.sim.workload import WorkloadSpec, build_workload
+    from niyama.sim.workload import WorkloadSpec, build_workload, load_trace
 
     setup = _setup(args)
     classes = QoSClasses.load(args.qos_config)
     num = args.num_requests or (max(1, int(args.rate * args.duration)) if args.rate else None)
+    if num is None:  # the trace's own arrival times, for --duration seconds
+        arrivals = load_trace(args.trace).arrivals
+        num = None if arrivals is None else max(1, int(np.searchsorted(arrivals, args.duration)))
     spec = WorkloadSpec(trace=args.trace, rate=args.rate, num_requests=num,
                         class_mix=args.class_mix or {n: 1.0 for n in classes},
                         importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)
@@ -98,10 +105,18 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     reproduce.run(args.name, setup, args.output_dir, report=args.report)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (``niyama simulate: error: …``) instead of argparse's usage block; ``--help``
+    still shows the usage. Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from niyama.sim.experiments import VARIANTS
 
-    parser = argparse.ArgumentParser(prog="niyama", description=__doc__)
+    parser = _Parser(prog="niyama", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate one workload with one scheduler")
@@ -146,11 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:
+        _end_progress_bars()
         print(f"niyama: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
+        print("niyama: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _end_progress_bars() -> None:
+    """Close progress bars left open by an error, so that the message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ latency model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 FEATURES = ("intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx")
+MIN_PROFILE_ROWS = len(FEATURES)  # a fit needs at least one timed batch per coefficient
 DEFAULT_SPLIT = 512  # the reference's boundary between small and large batches (total tokens)
 
 
@@ -54,6 +56,8 @@ class BatchTimePredictor:
         if any(len(c) != len(FEATURES) for c in bins):
             raise ValueError(f"each bin needs {len(FEATURES)} coefficients ({', '.join(FEATURES)})")
         self.bins = tuple(tuple(float(c) for c in coefs) for coefs in bins)
+        if not all(math.isfinite(c) for coefs in self.bins for c in coefs):
+            raise ValueError("batch-time coefficients must be finite numbers")
         self.splits = tuple(int(s) for s in splits)
         self._bounded = tuple(zip(self.splits, self.bins[:-1], strict=True))
         self.meta = dict(meta or {})
@@ -86,8 +90,8 @@ class BatchTimePredictor:
         the nearest bin that has enough (the next larger one first)."""
         x = np.array([s.features() for s in shapes], dtype=float)
         y = np.asarray(times, dtype=float)
-        if len(y) != len(x) or len(y) < len(FEATURES):
-            raise ValueError(f"need at least {len(FEATURES)} profile rows with one time each")
+        if len(y) != len(x) or len(y) < MIN_PROFILE_ROWS:
+            raise ValueError(f"need at least {MIN_PROFILE_ROWS} profile rows with one time each")
         which = np.searchsorted(np.asarray(splits), x[:, 1], side="left")  # bin index of each row
         fitted = {i: _relative_lstsq(x[which == i], y[which == i])
                   for i in range(len(splits) + 1) if (which == i).sum() >= len(FEATURES)}
@@ -133,7 +137,7 @@ class BatchTimePredictor:
                                  f"built-in profiles: {known}") from None
         try:
             return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as e:
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"{name_or_path} is not a batch-time profile ({type(e).__name__}: {e})") from None
 
 

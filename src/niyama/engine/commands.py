@@ -10,8 +10,9 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from niyama.argtypes import non_negative, output_file, positive, positive_int
+from niyama.argtypes import at_least, non_negative, output_file, positive, positive_int
 from niyama.engine.config import EngineConfig
+from niyama.predictor import MIN_PROFILE_ROWS
 
 if TYPE_CHECKING:
     from niyama.engine.profiler import ProfileResult
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
                               description="Run the engine on random mixed batches, fit the batch-time "
                               "predictor on a train split, print its held-out error and save it.")
     _add_engine_args(p)
-    p.add_argument("--num-batches", type=positive_int, default=80)
+    p.add_argument("--num-batches", type=at_least(MIN_PROFILE_ROWS), default=80,
+                   help=f"random batches timed (at least {MIN_PROFILE_ROWS}, one per predictor coefficient)")
     p.add_argument("--max-tokens", type=positive_int, default=1024, help="largest batch, in tokens")
     p.add_argument("--max-context", type=positive_int, default=2048)
     p.add_argument("--repeats", type=positive_int, default=3, help="rounds of timed runs over all batches (the median "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
-from niyama.argtypes import port, positive, positive_int
+from niyama.argtypes import at_least, port, positive, positive_int
+from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
 NEEDS_PREDICTOR = ("niyama", "edf")
@@ -38,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
-    p.add_argument("--calibration-batches", type=positive_int, default=24, help="batches profiled when calibrating")
+    p.add_argument("--calibration-batches", type=at_least(MIN_PROFILE_ROWS), default=24,
+                   help=f"batches profiled when calibrating (at least {MIN_PROFILE_ROWS})")
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="keep the profile's batch times as they are (default: scale them by measured / "
                    "predicted time of recent iterations, exported as niyama:batch_time_scale)")
@@ -65,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     policy = QoSPolicy.load(args.qos_config)
     path = resolve_model_path(args.model)
+    listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
                           num_threads=args.threads)
@@ -85,6 +89,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state = ServerState(engine, tokenizer, policy, name, core.max_model_len, runner.config.vocab_size)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
               file=sys.stderr)
-        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                               log_level="warning"))
+        server.run(sockets=[listener])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads and calibrates (a minute or more), so that a port
+    in use or a bad host fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 

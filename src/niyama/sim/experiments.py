@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from multiprocessing import Pool
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -95,13 +95,24 @@ def run_point(setup: Setup, point: Point) -> dict[str, Any]:
     return summary
 
 
+T = TypeVar("T")
+
+
+def in_parallel(workers: int, calls: Sequence[tuple[Callable[..., T], tuple[Any, ...]]], desc: str,
+                unit: str) -> list[T]:
+    """The results of ``calls`` (function, arguments) in order, computed by at most ``workers`` processes,
+    with a progress bar. Leaving early (Ctrl-C, an error) kills the workers instead of waiting for the
+    runs still queued, which can take hours."""
+    if workers <= 1 or len(calls) <= 1:
+        return [fn(*args) for fn, args in tqdm(calls, desc=desc, unit=unit)]
+    with Pool(min(workers, len(calls))) as pool:  # leaving the block terminates the workers
+        pending = [pool.apply_async(fn, args) for fn, args in calls]
+        return [p.get() for p in tqdm(pending, desc=desc, unit=unit)]
+
+
 def run_points(setup: Setup, points: Sequence[Point], desc: str) -> list[dict[str, Any]]:
     """Run points in parallel worker processes, with a progress bar; results in input order."""
-    if setup.workers <= 1 or len(points) <= 1:
-        return [run_point(setup, p) for p in tqdm(points, desc=desc, unit="run")]
-    with ProcessPoolExecutor(setup.workers) as pool:
-        futures = [pool.submit(run_point, setup, p) for p in points]
-        return [f.result() for f in tqdm(futures, desc=desc, unit="run")]
+    return in_parallel(setup.workers, [(run_point, (setup, p)) for p in points], desc, "run")
 
 
 # -- experiments -------------------------------------------------------------------------------------
@@ -120,10 +131,9 @@ def capacity(setup: Setup, variant: str, start: float = 2.0,
 def capacities(setup: Setup, variants: Iterable[str], start: float = 2.0) -> dict[str, CapacityResult]:
     """Capacity of several variants, each search in its own worker process."""
     variants = list(variants)
-    with ProcessPoolExecutor(max(1, min(setup.workers, len(variants)))) as pool:
-        futures = {v: pool.submit(capacity, setup, v, start) for v in variants}
-        return {v: f.result() for v, f in tqdm(futures.items(), desc=f"capacity {setup.trace}",
-                                                unit="scheduler")}
+    found = in_parallel(setup.workers, [(capacity, (setup, v, start)) for v in variants],
+                        f"capacity {setup.trace}", "scheduler")
+    return dict(zip(variants, found, strict=True))
 
 
 def overload(setup: Setup, variants: Sequence[str], rates: Sequence[float]
@@ -180,10 +190,11 @@ def silos(setup: Setup, rate: float, shared_guess: int = 1) -> dict[str, Any]:
     classes = QoSClasses.load(setup.qos_config)
     jobs: dict[str, tuple[str, tuple[str, ...], int]] = {"shared niyama": ("niyama", (), shared_guess)}
     for name, qos in classes.items():
-        jobs[f"silo {name}"] = ("fcfs-256" if qos.interactive else "fcfs-2048", (name,), 1)
-    with ProcessPoolExecutor(max(1, min(setup.workers, len(jobs)))) as pool:
-        futures = {k: pool.submit(replicas_needed, setup, v, rate, c, n) for k, (v, c, n) in jobs.items()}
-        found = {k: f.result() for k, f in tqdm(futures.items(), desc=f"silos {setup.trace}", unit="pool")}
+        if setup.class_mix is None or setup.class_mix.get(name, 0) > 0:  # a class with no requests needs no pool
+            jobs[f"silo {name}"] = ("fcfs-256" if qos.interactive else "fcfs-2048", (name,), 1)
+    results = in_parallel(setup.workers, [(replicas_needed, (setup, v, rate, c, n)) for v, c, n in jobs.values()],
+                          f"silos {setup.trace}", "pool")
+    found = dict(zip(jobs, results, strict=True))
     siloed = sum(n for k, (n, _) in found.items() if k.startswith("silo"))
     shared = found["shared niyama"][0]
     return {"rate": rate, "pools": {k: {"replicas": n, "tried": t} for k, (n, t) in found.items()},
