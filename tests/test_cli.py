@@ -143,3 +143,15 @@ def test_ctrl_c_stops_a_parallel_capacity_search_and_its_workers(tmp_path):
     else:
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail("worker processes outlived the interrupted command")
+
+
+@pytest.mark.parametrize(("cached", "message"), [
+    ({"azure_code": {"niyama": {"capacity": 0.0}}}, "capacity on azure_code is 0 req/s"),
+    ({"azure_code": {"niyama": {}}}, "is not a result of `niyama experiment capacity`"),
+    (["not", "a", "result"], "is not a result of `niyama experiment capacity`"),
+])
+def test_experiments_refuse_a_useless_cached_capacity(tmp_path, cached, message):
+    (tmp_path / "sim-capacity.json").write_text(json.dumps(cached))
+    p = niyama("experiment", "overload", "--output-dir", str(tmp_path))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
