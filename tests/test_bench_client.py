@@ -10,10 +10,11 @@ import asyncio
 import json
 import socket
 
+import aiohttp
 import pytest
 from aiohttp import web
 
-from niyama.bench.client import BenchConfig, run_load_async
+from niyama.bench.client import BenchConfig, ServerError, list_models, run_load_async
 from niyama.qos import Importance, QoSClasses
 from niyama.sim.workload import RequestSpec
 
@@ -55,6 +56,16 @@ async def _models(_: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "fake"}]})
 
 
+async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free port; returns (runner, base URL)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
 @pytest.fixture
 def fake_server():
     """A coroutine that starts the server on a free port and returns (runner, base URL)."""
@@ -63,12 +74,7 @@ def fake_server():
         app = web.Application()
         app.router.add_get("/v1/models", _models)
         app.router.add_post("/v1/completions", _completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        return await _start(app)
 
     return start
 
@@ -106,3 +112,22 @@ def test_priority_mode_needs_a_priority_for_every_class():
     cfg = BenchConfig(base_url="http://127.0.0.1:9/v1", qos_mode="priority", priorities={"batch": 0})
     with pytest.raises(ValueError, match="no priority for class"):
         asyncio.run(run_load_async(specs, CLASSES, cfg))
+
+
+@pytest.mark.parametrize("answer", [b'{"object": "list"}', b'[1, 2]', b"<html>hello</html>"])
+def test_a_server_that_is_not_openai_compatible_is_named_as_such(answer):
+    async def models(_: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="text/html")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner, url = await _start(app)
+        try:
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(ServerError, match="did not answer with OpenAI's model list"):
+                    await list_models(session, url)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

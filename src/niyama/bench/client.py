@@ -184,7 +184,11 @@ async def list_models(session: aiohttp.ClientSession, base_url: str, required: b
                 return []
             if resp.status != 200:
                 raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
-            models = [m["id"] for m in (await resp.json())["data"]]
+            body = await resp.json(content_type=None)
+            models = [m["id"] for m in body["data"]]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not OpenAI's model list
+        raise ServerError(f"GET {base_url}/models did not answer with OpenAI's model list "
+                          f"({type(e).__name__}: {e}); is this an OpenAI-compatible server?") from None
     except aiohttp.ClientError as e:
         raise ServerError(f"cannot reach {base_url}: {e}") from None
     if not models:
