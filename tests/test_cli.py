@@ -123,16 +123,23 @@ def test_serve_on_a_port_in_use_fails_before_loading_the_model():
     assert p.returncode == 2 and len(lines) == 1 and "Address already in use" in lines[0]
 
 
+def _interrupt_once(args: list[str], shown: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``niyama ARGS``; once its stderr shows ``shown``, Ctrl-C it as a terminal does (SIGINT to the
+    whole process group) and expect a prompt exit with status 130."""
+    p = subprocess.Popen([sys.executable, "-m", "niyama.cli", *args], stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=env)
+    seen = ""
+    while shown not in seen:
+        seen += p.stderr.read(1) or pytest.fail(f"the command ended early: {seen}")
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 130, p.stderr.read()
+    return p
+
+
 def test_ctrl_c_stops_a_parallel_capacity_search_and_its_workers(tmp_path):
     """Worker processes used to carry on with every queued run after Ctrl-C (hours for a capacity search)."""
-    cmd = [sys.executable, "-m", "niyama.cli", "capacity", "--schedulers", "fcfs,edf,niyama", "--workers", "2",
-           "--output-dir", str(tmp_path)]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = ""
-    while "capacity" not in seen:  # the progress bar: the workers are running
-        seen += p.stderr.read(1) or pytest.fail(f"the command ended early: {seen}")
-    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-    assert p.wait(timeout=60) == 130
+    p = _interrupt_once(["capacity", "--schedulers", "fcfs,edf,niyama", "--workers", "2", "--output-dir",
+                         str(tmp_path)], "capacity")  # the progress bar: the workers are running
     assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
     for _ in range(100):  # the workers are gone too
         try:
@@ -155,3 +162,13 @@ def test_experiments_refuse_a_useless_cached_capacity(tmp_path, cached, message)
     p = niyama("experiment", "overload", "--output-dir", str(tmp_path))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+
+
+def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):
+    """Calibration runs on the engine thread, which Ctrl-C cannot interrupt; serve leaves without it."""
+    env = {**os.environ, "NIYAMA_CACHE_DIR": str(tmp_path)}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    p = _interrupt_once(["serve", "--port", port, "--calibration-batches", "100000"], "calibrating", env)
+    assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"

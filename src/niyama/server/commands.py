@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import Any, TypeVar
 
 from niyama.argtypes import at_least, port, positive, positive_int
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
 NEEDS_PREDICTOR = ("niyama", "edf")
+T = TypeVar("T")
 
 
 def register(subparsers) -> None:
@@ -75,12 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
     engine_thread = ThreadPoolExecutor(1, thread_name_prefix="niyama-engine")
     print(f"niyama: loading {path}", file=sys.stderr)
-    runner = engine_thread.submit(ModelRunner.from_config, config).result()
+    runner = _start_up(engine_thread, ModelRunner.from_config, config)
     tokenizer = Tokenizer(args.model)
     predictor = None
     if args.scheduler in NEEDS_PREDICTOR:
-        predictor = engine_thread.submit(load_or_calibrate, runner, name, args.profile, args.max_num_batched_tokens,
-                                         args.calibration_batches).result()
+        predictor = _start_up(engine_thread, load_or_calibrate, runner, name, args.profile,
+                              args.max_num_batched_tokens, args.calibration_batches)
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
@@ -93,6 +97,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                log_level="warning"))
         server.run(sockets=[listener])
     return 0
+
+
+def _start_up(engine_thread: ThreadPoolExecutor, step: Callable[..., T], *args: Any) -> T:
+    """Run a start-up step (loading, calibrating) on the engine thread. Ctrl-C exits at once: torch work
+    on another thread cannot be interrupted, and a normal exit would wait for the step to finish."""
+    try:
+        return engine_thread.submit(step, *args).result()
+    except KeyboardInterrupt:
+        print("\nniyama: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -7,6 +7,7 @@ and returns plain data that ``niyama.sim.plots`` draws and the CLI prints.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing import Pool
@@ -105,9 +106,14 @@ def in_parallel(workers: int, calls: Sequence[tuple[Callable[..., T], tuple[Any,
     runs still queued, which can take hours."""
     if workers <= 1 or len(calls) <= 1:
         return [fn(*args) for fn, args in tqdm(calls, desc=desc, unit=unit)]
-    with Pool(min(workers, len(calls))) as pool:  # leaving the block terminates the workers
+    with Pool(min(workers, len(calls)), _ignore_sigint) as pool:  # leaving the block terminates the workers
         pending = [pool.apply_async(fn, args) for fn, args in calls]
         return [p.get() for p in tqdm(pending, desc=desc, unit=unit)]
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which terminates them (no traceback from each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_points(setup: Setup, points: Sequence[Point], desc: str) -> list[dict[str, Any]]:
