@@ -71,6 +71,7 @@ def test_config_file_with_scale_and_importance(tmp_path):
         ("[classes.x]\nttlt = 5\nimportance = 'vip'\n", "unknown importance"),
         ("classes = 3\n", "non-empty"),
         ("[classes.x\n", "not valid TOML"),
+        ("[classes.x]\nttlt = 5\nimportanc = 'critical'\n", "unknown field"),  # a typo is not ignored
     ],
 )
 def test_bad_config_files(tmp_path, text, message):

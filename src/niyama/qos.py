@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+CLASS_FIELDS = frozenset({"ttft", "tbt", "ttlt", "importance"})  # what a class (or a request) may set
+
 
 class QoSError(ValueError):
     """An invalid QoS spec; ``field`` names the offending field (for HTTP 400 ``param``)."""
@@ -100,7 +102,7 @@ class QoS:
         Giving ``ttlt`` clears ttft/tbt and vice versa, so an interactive class can be turned into a
         batch one and back.
         """
-        unknown = set(overrides) - {"ttft", "tbt", "ttlt", "importance"}
+        unknown = set(overrides) - CLASS_FIELDS
         if unknown:
             raise QoSError(f"unknown QoS field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
         fields: dict[str, Any] = {}
@@ -155,6 +157,10 @@ class QoSClasses(Mapping[str, QoS]):
         for name, spec in raw.items():
             if not isinstance(spec, Mapping):
                 raise QoSError(f"class {name!r} must be a table", name)
+            unknown = sorted(set(spec) - CLASS_FIELDS)
+            if unknown:
+                raise QoSError(f"class {name!r}: unknown field(s) {', '.join(unknown)} (known: "
+                               f"{', '.join(sorted(CLASS_FIELDS))})", unknown[0])
             try:
                 classes[name] = QoS(
                     name=name,
