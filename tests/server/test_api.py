@@ -112,6 +112,7 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"max_completion_tokens": 0}, "max_tokens"),
     ({"seed": 1 << 64}, "seed"),
     ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
+    ({"max_tokens": "5"}, "max_tokens"),  # integers are JSON integers
     ({"logprobs": True}, "logprobs"),  # not implemented: refused rather than silently ignored
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),

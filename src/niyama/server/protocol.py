@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do; OpenAI fields this server does not implement
 are refused when set to anything but their neutral value (``unsupported``), rather than silently ignored.
-An explicit ``null`` means the field's default, as in OpenAI's API. Field ranges are checked in ``app.py``
+Integer fields take JSON integers only (not ``"5"`` or ``true``). An explicit ``null`` means the field's
+default, as in OpenAI's API. Field ranges are checked in ``app.py``
 so that errors name the field in OpenAI's error shape.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -23,19 +24,20 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: StrictInt | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = Field(default=0, description="vLLM extension; 0 = no limit")
-    seed: int | None = None
+    top_k: StrictInt = Field(default=0, description="vLLM extension; 0 = no limit")
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(default=False, description="vLLM extension: always generate max_tokens")
     service_tier: str | None = Field(default=None, description="auto | default | flex | priority, mapped to "
                                      "QoS classes by the server's configuration")
-    priority: int = Field(default=0, description="vLLM extension: lower is served first (priority scheduler)")
+    priority: StrictInt = Field(default=0,
+                                description="vLLM extension: lower is served first (priority scheduler)")
     qos: str | dict[str, Any] | None = Field(
         default=None, description="Niyama: a QoS class name, or {class, ttft, tbt, ttlt, importance} (seconds; "
         "importance: critical | standard | sheddable) overriding the class's fields")
@@ -82,9 +84,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
@@ -97,12 +99,12 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16  # OpenAI's (and vLLM's) default for legacy completions
-    logprobs: int | None = None
+    prompt: str | list[str] | list[StrictInt]
+    max_tokens: StrictInt | None = 16  # OpenAI's (and vLLM's) default for legacy completions
+    logprobs: StrictInt | None = None
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = None
 
     def unsupported(self) -> str | None:
         for name in ("logprobs", "echo", "suffix"):
