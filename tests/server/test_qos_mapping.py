@@ -49,6 +49,9 @@ def test_tier_echo(policy):
     assert policy.tier_of(policy.resolve(None, None, "flex"), "flex") == "flex"
     assert policy.tier_of(policy.resolve("batch-10m", None, None), None) == "flex"
     assert policy.tier_of(policy.resolve("batch-30m", None, None), None) == "default"
+    assert policy.tier_of(policy.resolve("batch-30m", None, "auto"), "auto") == "default"
+    # The class that serves the request decides: a qos field overriding the tier is what the client gets.
+    assert policy.tier_of(policy.resolve("interactive", None, "flex"), "flex") == "priority"
 
 
 def test_builtin_classes_map_tiers():

@@ -71,7 +71,10 @@ class QoSPolicy:
             raise QoSError(str(e), f"qos.{e.field}" if e.field else "qos") from None
 
     def tier_of(self, qos: QoS, service_tier: str | None) -> str:
-        """The ``service_tier`` echoed in responses: the one asked for, else the tier mapped to the class."""
-        if service_tier is not None:
-            return service_tier
-        return next((t for t, c in self.service_tiers.items() if c == qos.name), "default")
+        """The ``service_tier`` echoed in responses: the tier that serves the class actually used (a ``qos``
+        field or header may override the tier asked for), else the one asked for, ``auto`` resolved to
+        ``default`` as OpenAI does."""
+        mapped = next((t for t, c in self.service_tiers.items() if c == qos.name), None)
+        if mapped is not None:
+            return mapped
+        return service_tier if service_tier not in (None, "auto") else "default"
