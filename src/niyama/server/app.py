@@ -155,7 +155,8 @@ def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 async def _tokenize(tokenize: Callable[[Any], list[int]], text: Any, param: str) -> list[int]:
     """Token ids of a prompt, computed off the event loop: a long prompt takes seconds to tokenize, and
-    every open stream would wait for it."""
+    every open stream would wait for it. Concurrent calls are safe: a fast tokenizer is only mutated when a
+    call changes its truncation or padding, which no call here does."""
     try:
         return await asyncio.to_thread(tokenize, text)
     except (TypeError, ValueError, UnicodeError, TemplateError) as e:  # e.g. a lone surrogate in the text
