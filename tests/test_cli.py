@@ -71,6 +71,9 @@ def test_argument_errors_are_one_line(tmp_path):
         (["serve", "--calibration-batches", "3"], "argument --calibration-batches: must be an integer >= 6"),
         (["profile", "--num-batches", "2"], "argument --num-batches: must be an integer >= 6"),
         (["bench", "--cv", "inf"], "argument --cv: must be a finite number"),
+        (["simulate", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["bench", "--priorities", "interactive=abc"], "argument --priorities: interactive=abc: not an integer"),
+        (["bench", "--vocab-size", "100"], "argument --vocab-size: must be an integer >= 101"),
     ],
 )
 def test_values_no_run_can_use_are_refused_before_it_starts(args, message):
@@ -102,11 +105,14 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
     unsorted.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n5,10,10\n1,10,10\n")
     not_profile = tmp_path / "list.json"
     not_profile.write_text("[]")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe,a\n")
     infinite = tmp_path / "inf.json"
     infinite.write_text(json.dumps({"splits": [512], "bins": [[1, 0, 0, 0, 0, 0], [float("inf"), 0, 0, 0, 0, 0]]}))
     for args, message in [(["--trace", str(empty)], "has no rows"),
                           (["--trace", str(nan)], "row 2 holds a value that is not a finite number"),
                           (["--trace", str(unsorted)], "arrived_at goes back in time at row 2"),
+                          (["--trace", str(binary)], "is not UTF-8 text"),
                           (["--profile", str(not_profile)], "is not a batch-time profile"),
                           (["--profile", str(infinite)], "coefficients must be finite")]:
         p = niyama("simulate", "--rate", "1", "--duration", "5", "--output-dir", str(tmp_path), *args)

@@ -35,6 +35,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def int_mapping(text: str) -> dict[str, int]:
+    """``key=integer,...`` → dict (e.g. vLLM priorities per class)."""
+    out = {}
+    for key, value in mapping(text).items():
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value}: not an integer") from None
+    return out
+
+
 def at_least(minimum: int):
     """An integer type that refuses values below ``minimum``."""
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from niyama.argtypes import mix, non_negative, output_file, positive, positive_int
+from niyama.argtypes import mix, non_negative, non_negative_int, output_file, positive, positive_int
 from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
@@ -30,7 +30,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help=f"latency profile: built-in ({', '.join(builtin_profiles())}) or a JSON path")
     p.add_argument("--noise", type=non_negative, default=0.05, help="std of multiplicative batch-time noise")
     p.add_argument("--qos-config", default=None, help="QoS class file (TOML); default: the paper's classes")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=non_negative_int, default=1)
     p.add_argument("--chunk-size", type=positive_int, default=256, help="token budget of fixed-budget schedulers")
     p.add_argument("--alpha", type=non_negative, default=0.008, help="Niyama hybrid α (s/token); 0 = EDF order")
     p.add_argument("--no-dynamic-chunking", action="store_true", help="Niyama ablation switch")

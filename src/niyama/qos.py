@@ -192,6 +192,8 @@ def read_config(path: str | Path | None = None) -> dict[str, Any]:
             text = Path(path).read_text()
         except OSError as e:
             raise QoSError(f"cannot read QoS config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise QoSError(f"QoS config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from niyama.argtypes import mapping, mix, positive, positive_int
+from niyama.argtypes import at_least, int_mapping, mapping, mix, non_negative_int, positive, positive_int
 from niyama.bench.client import QOS_MODES, BenchConfig, RunResult, ServerError, run_load
 from niyama.qos import QoSClasses
 from niyama.sim.workload import TRACE_FILES, WorkloadSpec, build_workload
@@ -32,10 +32,11 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
            "vLLM's priority, or not at all")
     add(g, "--service-tiers", type=mapping, default=None,
            help="class=tier for --qos-mode service-tier (default: interactive=priority, others flex)")
-    add(g, "--priorities", type=mapping, default=None,
+    add(g, "--priorities", type=int_mapping, default=None,
            help="class=int for --qos-mode priority (default: tightest deadline first, from 0)")
     add(g, "--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
-    add(g, "--vocab-size", type=positive_int, default=32000, help="random prompt ids are below this")
+    add(g, "--vocab-size", type=at_least(101), default=32000,
+        help="random prompt ids are in [100, this)")
     w = p.add_argument_group("workload")
     add(w, "--trace", default="azure_conv",
            help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
@@ -53,7 +54,7 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(w, "--max-prompt-tokens", type=positive_int, default=None, help="clip longer prompts")
     add(w, "--qos-config", default=None,
            help="QoS classes the requests ask for and are judged by; use the server's file")
-    add(w, "--seed", type=int, default=0)
+    add(w, "--seed", type=non_negative_int, default=0)
     o = p.add_argument_group("output")
     add(o, "--output-dir", type=Path, default=Path("results/bench"))
     add(o, "--label", default=None, help="file name stem (default: from the QoS mode and rate)")
@@ -96,10 +97,9 @@ def workload(args: argparse.Namespace, classes: QoSClasses, rate: float | None) 
 
 
 def config(args: argparse.Namespace, stop_at: float | None = None) -> BenchConfig:
-    priorities = {k: int(v) for k, v in args.priorities.items()} if args.priorities else None
     kwargs: dict[str, Any] = {"service_tiers": args.service_tiers} if args.service_tiers else {}
     return BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, qos_mode=args.qos_mode,
-                       priorities=priorities, ignore_eos=not args.no_ignore_eos, vocab_size=args.vocab_size,
+                       priorities=args.priorities, ignore_eos=not args.no_ignore_eos, vocab_size=args.vocab_size,
                        api_key=args.api_key, drain_timeout=args.drain_timeout, stop_at_violation_pct=stop_at,
                        seed=args.seed, progress=not args.no_progress, **kwargs)
 

@@ -58,8 +58,11 @@ def load_trace(name_or_path: str) -> Trace:
     path = trace_dir() / TRACE_FILES[name_or_path] if name_or_path in TRACE_FILES else Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"no trace {name_or_path!r} (known: {', '.join(TRACE_FILES)}, or a CSV path)")
-    with path.open() as f:
-        header = f.readline().strip().split(",")
+    try:
+        with path.open() as f:
+            header = f.readline().strip().split(",")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"trace {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     col = {name: i for i, name in enumerate(header)}
     for needed in ("num_prefill_tokens", "num_decode_tokens"):
         if needed not in col:
