@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -73,12 +74,14 @@ def port(text: str) -> int:
 
 
 def output_file(text: str) -> Path:
-    """A file to write at the end of a long run: its folder must exist now."""
+    """A file to write at the end of a long run: its folder must exist, writable, now."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {path.parent}")
     return path
 
 

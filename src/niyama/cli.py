@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -46,6 +47,8 @@ def _setup(args: argparse.Namespace):
     config = SchedulerConfig(chunk_size=args.chunk_size, hybrid_alpha=args.alpha,
                              dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(args.output_dir, os.W_OK):  # before the run, not when its results are written
+        raise PermissionError(f"cannot write in {args.output_dir}")
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
                  qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
                  length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capacity", help="max rate with ≤ 1%% violations per class, per scheduler")
     _add_workload_args(p)
-    p.add_argument("--schedulers", type=lambda s: s.split(","), default=["fcfs", "edf", "niyama"])
+    p.add_argument("--schedulers", type=lambda s: list(dict.fromkeys(s.split(","))), default=["fcfs", "edf", "niyama"])
     p.add_argument("--start", type=positive, default=2.0, help="first rate tried (req/s)")
     p.set_defaults(func=cmd_capacity)
 
