@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 
 def niyama(*args, cwd=None):
@@ -178,3 +179,16 @@ def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):
         port = str(free.getsockname()[1])
     p = _interrupt_once(["serve", "--port", port, "--calibration-batches", "100000"], "calibrating", env)
     assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
+
+
+def test_engine_settings_it_cannot_use_are_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    cases = [(["--device", "foo"], "unknown device 'foo'"),
+             (["--kv-cache-memory", "100000"], "cannot allocate a 100000.0 GiB KV cache"),
+             (["--model", str(tmp_path)], "config.json is not a usable model config")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for args, message in cases:
+        p = niyama("generate", *args, "hi")
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and message in lines[-1] and lines[-1].startswith("niyama: error:"), p.stderr

@@ -129,3 +129,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per iteration, decodes included (offline loop)
     max_num_seqs: int = 64  # running requests at once (offline loop)
     num_threads: int | None = None  # torch CPU threads; None = leave torch's default
+
+    def torch_device(self) -> torch.device:
+        """``device`` checked: a known device type, and CUDA only where torch can use it."""
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r} (expected cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available (no GPU, or torch was installed without CUDA)")
+        return device

@@ -8,6 +8,8 @@ yields ``[kv_heads, context, head_dim]`` directly, the layout attention wants.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from niyama.engine.config import ModelConfig
@@ -26,7 +28,12 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        try:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+            gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / (1 << 30)
+            raise ValueError(f"cannot allocate a {gib:.1f} GiB KV cache ({str(e).splitlines()[0]}); "
+                             "give it less memory") from None
 
     @property
     def capacity_tokens(self) -> int:

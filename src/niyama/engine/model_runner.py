@@ -68,7 +68,7 @@ class ModelRunner:
     def from_config(cls, engine: EngineConfig) -> ModelRunner:
         if engine.num_threads:
             torch.set_num_threads(engine.num_threads)
-        device = torch.device(engine.device)
+        device = engine.torch_device()
         dtype = resolve_dtype(engine.dtype, device)
         config, state = load_weights(engine.model)
         blocks = num_kv_blocks(config, dtype, engine.kv_cache_memory, engine.block_size)

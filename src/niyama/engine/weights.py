@@ -74,7 +74,11 @@ def load_weights(model: str | Path | None) -> tuple[ModelConfig, dict[str, torch
 def _load_hf_dir(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    path = folder / "config.json"
+    try:
+        config = ModelConfig.from_hf(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a model config
+        raise ValueError(f"{path} is not a usable model config ({type(e).__name__}: {e})") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
