@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from tests.server.conftest import _free_port
+
 
 def niyama(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "niyama.cli", *args], capture_output=True, text=True,
@@ -140,6 +142,7 @@ def _interrupt_once(args: list[str], shown: str, env: dict[str, str] | None = No
         seen += p.stderr.read(1) or pytest.fail(f"the command ended early: {seen}")
     os.killpg(p.pid, signal.SIGINT)
     assert p.wait(timeout=60) == 130, p.stderr.read()
+    assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
     return p
 
 
@@ -147,7 +150,6 @@ def test_ctrl_c_stops_a_parallel_capacity_search_and_its_workers(tmp_path):
     """Worker processes used to carry on with every queued run after Ctrl-C (hours for a capacity search)."""
     p = _interrupt_once(["capacity", "--schedulers", "fcfs,edf,niyama", "--workers", "2", "--output-dir",
                          str(tmp_path)], "capacity")  # the progress bar: the workers are running
-    assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
     for _ in range(100):  # the workers are gone too
         try:
             os.killpg(p.pid, 0)
@@ -174,11 +176,7 @@ def test_experiments_refuse_a_useless_cached_capacity(tmp_path, cached, message)
 def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):
     """Calibration runs on the engine thread, which Ctrl-C cannot interrupt; serve leaves without it."""
     env = {**os.environ, "NIYAMA_CACHE_DIR": str(tmp_path)}
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
-    p = _interrupt_once(["serve", "--port", port, "--calibration-batches", "100000"], "calibrating", env)
-    assert p.stderr.read().strip().splitlines()[-1] == "niyama: interrupted"
+    _interrupt_once(["serve", "--port", str(_free_port()), "--calibration-batches", "100000"], "calibrating", env)
 
 
 def test_engine_settings_it_cannot_use_are_one_line(tmp_path):

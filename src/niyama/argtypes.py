@@ -36,13 +36,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
 def int_mapping(text: str) -> dict[str, int]:
     """``key=integer,...`` → dict (e.g. vLLM priorities per class)."""
     out = {}
@@ -64,6 +57,9 @@ def at_least(minimum: int):
         return value
 
     return check
+
+
+non_negative_int = at_least(0)
 
 
 def port(text: str) -> int:

@@ -94,7 +94,7 @@ class BatchTimePredictor:
             raise ValueError(f"need at least {MIN_PROFILE_ROWS} profile rows with one time each")
         which = np.searchsorted(np.asarray(splits), x[:, 1], side="left")  # bin index of each row
         fitted = {i: _relative_lstsq(x[which == i], y[which == i])
-                  for i in range(len(splits) + 1) if (which == i).sum() >= len(FEATURES)}
+                  for i in range(len(splits) + 1) if (which == i).sum() >= MIN_PROFILE_ROWS}
         if not fitted:
             return cls([_relative_lstsq(x, y)] * (len(splits) + 1), splits, meta)
         nearest = [min(fitted, key=lambda j, i=i: (abs(j - i), j < i)) for i in range(len(splits) + 1)]

@@ -8,8 +8,6 @@ yields ``[kv_heads, context, head_dim]`` directly, the layout attention wants.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from niyama.engine.config import ModelConfig
@@ -31,7 +29,7 @@ class KVCache:
         try:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
-            gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / (1 << 30)
+            gib = num_blocks * block_size * config.kv_bytes_per_token(dtype) / (1 << 30)
             raise ValueError(f"cannot allocate a {gib:.1f} GiB KV cache ({str(e).splitlines()[0]}); "
                              "give it less memory") from None
 

@@ -3,8 +3,8 @@
 Unknown fields are ignored, as OpenAI-compatible servers do; OpenAI fields this server does not implement
 are refused when set to anything but their neutral value (``unsupported``), rather than silently ignored.
 Integer fields take JSON integers only (not ``"5"`` or ``true``). An explicit ``null`` means the field's
-default, as in OpenAI's API. Field ranges are checked in ``app.py``
-so that errors name the field in OpenAI's error shape.
+default, as in OpenAI's API. Field ranges are checked in ``app.py`` so that errors name the field in
+OpenAI's error shape.
 """
 
 from __future__ import annotations

@@ -74,17 +74,15 @@ def load_trace(name_or_path: str) -> Trace:
         raise ValueError(f"trace {path}: {e}") from None
     if len(data) == 0:
         raise ValueError(f"trace {path} has no rows")
-    if not np.isfinite(data).all():
-        row = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
-        raise ValueError(f"trace {path}: row {row + 1} holds a value that is not a finite number")
     used = [col[c] for c in ("num_prefill_tokens", "num_decode_tokens", "arrived_at") if c in col]
-    if (data[:, used] < 0).any():
-        row = int(np.flatnonzero((data[:, used] < 0).any(axis=1))[0])
-        raise ValueError(f"trace {path}: row {row + 1} holds a negative value")
-    if "arrived_at" in col and (np.diff(data[:, col["arrived_at"]]) < 0).any():
-        row = int(np.flatnonzero(np.diff(data[:, col["arrived_at"]]) < 0)[0]) + 1
-        raise ValueError(f"trace {path}: arrived_at goes back in time at row {row + 1} (rows must be in "
-                         "arrival order)")
+    checks = [(~np.isfinite(data).all(axis=1), "row {} holds a value that is not a finite number"),
+              ((data[:, used] < 0).any(axis=1), "row {} holds a negative value")]
+    if "arrived_at" in col:
+        checks.append((np.diff(data[:, col["arrived_at"]], prepend=-np.inf) < 0,
+                       "arrived_at goes back in time at row {} (rows must be in arrival order)"))
+    for bad, message in checks:  # in order: a NaN row is reported as such, not as a negative one
+        if bad.any():
+            raise ValueError(f"trace {path}: " + message.format(int(np.flatnonzero(bad)[0]) + 1))
     arrivals = data[:, col["arrived_at"]] - data[0, col["arrived_at"]] if "arrived_at" in col else None
     prompts, decodes = data[:, col["num_prefill_tokens"]], data[:, col["num_decode_tokens"]]
     return Trace(prompts.astype(int), decodes.astype(int), arrivals)
