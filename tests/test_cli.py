@@ -149,7 +149,7 @@ def _interrupt_once(args: list[str], shown: str, env: dict[str, str] | None = No
 def test_ctrl_c_stops_a_parallel_capacity_search_and_its_workers(tmp_path):
     """Worker processes used to carry on with every queued run after Ctrl-C (hours for a capacity search)."""
     p = _interrupt_once(["capacity", "--schedulers", "fcfs,edf,niyama", "--workers", "2", "--output-dir",
-                         str(tmp_path)], "capacity")  # the progress bar: the workers are running
+                         str(tmp_path)], "scheduler/s]")  # the progress bar: the workers are running
     for _ in range(100):  # the workers are gone too
         try:
             os.killpg(p.pid, 0)

@@ -168,18 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"niyama: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _end_progress_bars()
-        print("niyama: interrupted", file=sys.stderr)
+        # With no bar to close, the cursor is likely mid-line: after the terminal's "^C", or after a bar
+        # that Ctrl-C caught while it was being built (it is then gone without its closing newline).
+        newline = "" if _end_progress_bars() else "\n"
+        print(f"{newline}niyama: interrupted", file=sys.stderr)
         return 130
     return 0
 
 
-def _end_progress_bars() -> None:
-    """Close progress bars left open by an error, so that the message starts on a line of its own."""
+def _end_progress_bars() -> bool:
+    """Close progress bars left open by an error, so that the message starts on a line of its own; whether
+    there was one."""
     from tqdm import tqdm
 
-    for bar in list(getattr(tqdm, "_instances", ())):
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
         bar.close()
+    return bool(bars)
 
 
 if __name__ == "__main__":
