@@ -190,7 +190,7 @@ class DeadlineScheduler(Scheduler):
             self._walk = None
         return (r for r in candidates if not r.relegated)
 
-    WALK_STEP = 256  # requests a decision takes the relegation walk through
+    WALK_STEP = 128  # requests a decision takes the relegation walk through
 
     def _walk_step(self, walk: _Walk, now: float) -> list[Request]:
         """The next ``WALK_STEP`` requests of ``walk``; returns those to relegate. Requests that started,
