@@ -18,8 +18,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
-def save_tiny(tmp_path, kind: str):
-    """A tiny random model of ``kind`` saved as a Hugging Face folder; returns the transformers model."""
+def save_tiny(tmp_path, kind: str, **overrides):
+    """A tiny random model of ``kind`` (config fields ``overrides``) saved as a Hugging Face folder; returns
+    the transformers model."""
     import transformers
 
     torch.manual_seed(0)
@@ -29,7 +30,7 @@ def save_tiny(tmp_path, kind: str):
         "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[kind]
     extra = {"rope_parameters": LLAMA3_ROPE} if kind == "llama3" else {}
-    model = model_class(config_class(**TINY, **extra)).float().eval()
+    model = model_class(config_class(**{**TINY, **extra, **overrides})).float().eval()
     with torch.no_grad():  # random biases (transformers initialises them to zero)
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from niyama.engine import EngineConfig, KVCache, LLMEngine, SamplingParams, num_kv_blocks
-from tests.engine.helpers import make_runner
+from niyama.engine import EngineConfig, KVCache, LLMEngine, ModelRunner, SamplingParams, load_weights, num_kv_blocks
+from tests.engine.helpers import make_runner, save_tiny
 
 
 def test_kv_cache_fits_its_budget(weights):
@@ -37,5 +37,15 @@ def test_full_cache_preempts_and_recomputes(weights, tokenizer, engine32, prompt
 def test_request_larger_than_cache_is_rejected(weights, tokenizer):
     small = make_runner(weights, memory=4 * 16 * weights[0].kv_bytes_per_token(torch.float32))
     engine = LLMEngine(EngineConfig(), tokenizer=tokenizer, runner=small)
-    with pytest.raises(ValueError, match="exceeds the KV cache"):
+    with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
         engine.generate([[1] * 60], SamplingParams(max_tokens=10))
+
+
+def test_request_beyond_the_model_context_is_rejected_and_the_engine_goes_on(tmp_path, tokenizer):
+    """It used to fail mid-prefill with an IndexError and stay queued, failing every later call too."""
+    save_tiny(tmp_path, "llama3")  # 256 positions, a KV cache for 2,048 tokens
+    runner = ModelRunner(*load_weights(tmp_path), dtype=torch.float32, num_blocks=512, block_size=4)
+    engine = LLMEngine(EngineConfig(), tokenizer=tokenizer, runner=runner)
+    with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
+        engine.generate([[1] * 250], SamplingParams(max_tokens=10))
+    assert len(engine.generate([[1] * 5], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3

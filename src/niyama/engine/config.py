@@ -27,10 +27,23 @@ class ModelConfig:
     rope_scaling: Mapping[str, Any] | None = None  # HF-style: {"rope_type": "llama3" | "linear", ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2); Llama's flag adds one on the output projection too
+    mlp_bias: bool = False
+    # Attention span of a sliding-window model (Mistral v0.1, some Qwen2). Requests are limited to it: full
+    # attention within the window is what windowed attention computes.
+    sliding_window: int | None = None
     architecture: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} attention heads cannot share {self.num_kv_heads} key/value heads")
+
+    @property
+    def context_length(self) -> int:
+        """Most positions one request may use."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
@@ -38,6 +51,10 @@ class ModelConfig:
         model_type = cfg.get("model_type", "llama")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported model_type {model_type!r} (supported: {SUPPORTED_ARCHITECTURES})")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (supported: silu)")
+        # Mistral's window applies when set; Qwen2's only with use_sliding_window.
+        windowed = model_type == "mistral" or cfg.get("use_sliding_window", False)
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -57,6 +74,8 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            mlp_bias=cfg.get("mlp_bias", False),
+            sliding_window=cfg.get("sliding_window") if windowed else None,
             architecture=model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
@@ -84,6 +103,9 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "sliding_window": self.sliding_window,
+            **({"use_sliding_window": True} if self.sliding_window and model_type == "qwen2" else {}),
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else list(eos),

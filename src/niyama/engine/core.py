@@ -95,7 +95,7 @@ class EngineCore:
     @property
     def max_model_len(self) -> int:
         """Most tokens (prompt + output) one request may hold."""
-        return min(self.runner.config.max_position_embeddings, self.kv.capacity_tokens)
+        return min(self.runner.config.context_length, self.kv.capacity_tokens)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -69,9 +69,9 @@ class LLMEngine:
         for prompt, sp in zip(prompts, params, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request = Request(f"gen-{next(self._ids)}", time.monotonic(), OFFLINE_QOS, len(ids), sp.max_tokens, ids)
-            if request.num_prompt_tokens + request.max_tokens > self.kv.capacity_tokens:
+            if request.num_prompt_tokens + request.max_tokens > self.core.max_model_len:
                 raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) "
-                                 f"exceeds the KV cache ({self.kv.capacity_tokens} tokens)")
+                                 f"exceeds the context of {self.core.max_model_len} tokens (model and KV cache)")
             requests.append((request, sp))
         try:
             for request, sp in requests:

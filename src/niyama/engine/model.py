@@ -95,8 +95,16 @@ class LlamaModel:
         self.config = config
         self.dtype = dtype
 
+        def tensor(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"the weights have no tensor {name!r} that the model config calls for")
+            return state[name]
+
         def w(name: str) -> torch.Tensor:
-            return state[name].to(device=device, dtype=dtype).contiguous()
+            return tensor(name).to(device=device, dtype=dtype).contiguous()
+
+        def bias(names: list[str], present: bool) -> torch.Tensor | None:
+            return torch.cat([w(n) for n in names]) if present else None
 
         wide = dtype == torch.bfloat16 and not native_bf16(torch.device(device))
         # Batches of at most this many rows run other kernels (bf16 weights) and cost much less per batch.
@@ -105,30 +113,29 @@ class LlamaModel:
         self.embed = w("model.embed_tokens.weight")
         # Logits are computed in float32 whatever the dtype: bf16 rounding (8 bits of mantissa) of logits
         # creates ties and flips the top token at close calls.
-        head = state["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        head = tensor("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
         self.lm_head = head.to(device=device, dtype=torch.float32).contiguous()
         # Decode steps are bound by reading weights, and the float32 head is the largest single read:
         # small batches take bf16 logits first and recompute only their top candidates in float32.
         self.lm_head_low = head.to(device=device, dtype=dtype).contiguous() if dtype == torch.bfloat16 else None
-        self.norm = state["model.norm.weight"].to(device=device, dtype=torch.float32)
+        self.norm = tensor("model.norm.weight").to(device=device, dtype=torch.float32)
+        o_bias = config.attention_bias and config.architecture != "qwen2"  # Llama's flag covers o_proj too
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            attn = p + "self_attn."
-            bias = None
-            if config.attention_bias:
-                bias = torch.cat([w(f"{attn}{x}_proj.bias") for x in "qkv"])
+            attn, mlp = p + "self_attn.", p + "mlp."
             self.layers.append(Layer(
                 attn_norm=w(p + "input_layernorm.weight"),
-                qkv=Linear(torch.cat([w(f"{attn}{x}_proj.weight") for x in "qkv"]), bias, wide),
-                o=Linear(w(attn + "o_proj.weight"), None, wide),
+                qkv=Linear(torch.cat([w(f"{attn}{x}_proj.weight") for x in "qkv"]),
+                           bias([f"{attn}{x}_proj.bias" for x in "qkv"], config.attention_bias), wide),
+                o=Linear(w(attn + "o_proj.weight"), bias([attn + "o_proj.bias"], o_bias), wide),
                 mlp_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), None,
-                               wide),
-                down=Linear(w(p + "mlp.down_proj.weight"), None, wide),
+                gate_up=Linear(torch.cat([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")]),
+                               bias([mlp + "gate_proj.bias", mlp + "up_proj.bias"], config.mlp_bias), wide),
+                down=Linear(w(mlp + "down_proj.weight"), bias([mlp + "down_proj.bias"], config.mlp_bias), wide),
             ))
         inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
-        positions = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+        positions = torch.arange(config.context_length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos = angles.cos().to(dtype)

@@ -97,7 +97,7 @@ def profile(runner: ModelRunner, num_batches: int = 80, max_tokens: int = 1024, 
     path, one batch in ``TINY_EVERY`` is that small, so that the predictor's bin for it has rows to fit."""
     rng = random.Random(seed)
     vocab = runner.config.vocab_size
-    max_context = min(max_context, runner.config.max_position_embeddings)
+    max_context = min(max_context, runner.config.context_length)
     tiny = runner.model.small_batch_rows or 0
     ids = [0]
 

@@ -79,7 +79,13 @@ def _load_hf_dir(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         config = ModelConfig.from_hf(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a model config
         raise ValueError(f"{path} is not a usable model config ({type(e).__name__}: {e})") from None
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():  # a sharded checkpoint (other .safetensors files, e.g. Mistral's consolidated one, are not)
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
     state: dict[str, torch.Tensor] = {}
@@ -98,9 +104,11 @@ def _gguf_config(meta: dict[str, Any], has_output: bool) -> ModelConfig:
         return meta.get(f"{arch}.{key}", default)
 
     hidden, heads = get("embedding_length"), get("attention.head_count")
-    rope_scaling = None
-    if get("rope.scaling.type") == "linear":
+    rope_scaling, scaling_type = None, get("rope.scaling.type", "none")
+    if scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type != "none":  # (llama.cpp stores Llama 3's scaling as a rope_freqs tensor instead)
+        raise ValueError(f"unsupported GGUF rope scaling {scaling_type!r} (supported: linear)")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
