@@ -24,7 +24,7 @@ from niyama.engine.sampler import SEED_RANGE, SamplingParams
 from niyama.engine.tokenizer import Tokenizer
 from niyama.qos import QoSError
 from niyama.request import Request as EngineRequest
-from niyama.server.async_engine import AsyncEngine, QueueFull
+from niyama.server.async_engine import AsyncEngine, QueueFull, Unavailable
 from niyama.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from niyama.server.qos_mapping import QoSPolicy
 
@@ -209,6 +209,8 @@ async def _complete(state: ServerState, http: Request, body: SamplingRequest, pr
     except QueueFull:
         raise APIError(429, "the server's request queue is full; retry later", None, "queue_full",
                        "rate_limit_error", {"Retry-After": "1"}) from None
+    except Unavailable as e:
+        raise _engine_error(e) from None
     head = {"id": request.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": state.model_name,
             "service_tier": state.policy.tier_of(qos, body.service_tier)}
@@ -275,9 +277,12 @@ async def _stream(head: dict[str, Any], outputs: AsyncIterator[StepOutput], chat
 
 
 def _engine_error(e: Exception) -> APIError:
-    """The engine refused the request (ValueError: 400) or failed while running it (500)."""
+    """The engine refused the request (ValueError: 400), is not serving (503) or failed while running it
+    (500)."""
     if isinstance(e, ValueError):
         return APIError(400, str(e))
+    if isinstance(e, Unavailable):
+        return APIError(503, str(e), type_="server_error", code="unavailable")
     return APIError(500, str(e), type_="server_error")
 
 

@@ -30,6 +30,10 @@ class QueueFull(Exception):
     """The waiting queue is at ``max_queued_requests``."""
 
 
+class Unavailable(RuntimeError):
+    """The engine is not running, or the server is shutting down."""
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, metrics: Metrics, max_queued_requests: int,
                  thread: ThreadPoolExecutor | None = None):
@@ -69,6 +73,8 @@ class AsyncEngine:
     def submit(self, request: Request, params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Queue a request (``QueueFull`` when the queue is at its limit) and return its outputs."""
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        if not self.alive:  # its loop ended (a failure it could not survive): nobody would answer
+            raise Unavailable("the engine is not running")
         with self._cond:
             if self._num_queued + len(self._new) >= self.max_queued_requests:
                 raise QueueFull
@@ -76,6 +82,14 @@ class AsyncEngine:
             self._new.append((request, params))
             self._cond.notify()
         return self._outputs(request.request_id, queue)
+
+    def end_open_requests(self) -> None:
+        """(Event-loop side.) End every open request with ``Unavailable``: its client hears why, and the
+        loop aborts the request once the client's side lets go of it."""
+        with self._cond:
+            queues = list(self._streams.values())
+        for queue in queues:
+            queue.put_nowait(Unavailable("the server is shutting down"))
 
     async def _outputs(self, rid: str, queue: asyncio.Queue[StepOutput | BaseException]
                        ) -> AsyncIterator[StepOutput]:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
-from niyama.argtypes import at_least, port, positive, positive_int
+from niyama.argtypes import at_least, non_negative, port, positive, positive_int
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000)
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
+                   "float16 on a GPU without bfloat16)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
@@ -49,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="keep the profile's batch times as they are (default: scale them by measured / "
                    "predicted time of recent iterations, exported as niyama:batch_time_scale)")
+    p.add_argument("--shutdown-grace", type=non_negative, default=30.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, how long open requests may run before they end with a 503 error "
+                   "(a second signal ends them at once)")
     p.add_argument("--iteration-log", metavar="PATH", default=None,
                    help="append one JSON line per iteration (batch shape, execution time, queue lengths) to "
                    "PATH; `niyama profile --from-log PATH` fits a batch-time predictor from it")
@@ -67,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.server.app import ServerState, create_app
     from niyama.server.async_engine import AsyncEngine
     from niyama.server.calibration import load_or_calibrate
+    from niyama.server.http_server import DrainingServer
     from niyama.server.metrics import Metrics
     from niyama.server.qos_mapping import QoSPolicy
 
@@ -93,8 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state = ServerState(engine, tokenizer, policy, name, core.max_model_len, runner.config.vocab_size)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
               file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
-                                               log_level="warning"))
+        server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                               log_level="warning"), engine, args.shutdown_grace)
         server.run(sockets=[listener])
     return 0
 

@@ -1,0 +1,60 @@
+"""SIGTERM while requests are open: a bounded drain, then every client hears why its request ended."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+
+from niyama.engine import EngineConfig, LLMEngine, SamplingParams
+from niyama.qos import QoS
+from niyama.request import Request
+from niyama.server.async_engine import AsyncEngine, Unavailable
+from niyama.server.metrics import Metrics
+from tests.server.conftest import serve
+
+
+def test_sigterm_ends_open_requests_after_the_grace_period(cache_dir):
+    """uvicorn alone waited for every open stream (a chat without max_tokens runs to the context's end)."""
+    with serve(cache_dir, "--scheduler", "fcfs", "--shutdown-grace", "1") as s:
+        body = {"model": s.model, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{s.url}/v1/completions", json=body, timeout=120)))
+        waiting.start()
+        events = []
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=120) as stream:
+            for line in stream.iter_lines():
+                if not line:
+                    continue
+                events.append(line.removeprefix("data: "))
+                if len(events) == 1:  # both requests run: stop the server
+                    s.process.send_signal(signal.SIGTERM)
+                    stopped = time.monotonic()
+        waiting.join()
+        s.process.wait(timeout=60)  # (uvicorn re-raises the signal once it has shut down: status -15)
+    assert time.monotonic() - stopped < 30  # the grace period, one iteration, start-up of nothing new
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "unavailable" and "shutting down" in error["message"]
+    assert len(events) > 3  # tokens went on flowing during the grace period
+    assert answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "unavailable"
+
+
+def test_a_stopped_engine_refuses_requests_instead_of_queueing_them():
+    """Requests submitted after its loop ended used to be queued and never answered."""
+    core = LLMEngine(EngineConfig(kv_cache_memory=16 << 20)).core
+
+    async def main() -> None:
+        engine = AsyncEngine(core, Metrics("test"), max_queued_requests=8)
+        engine.start()
+        engine.stop()
+        with pytest.raises(Unavailable):
+            engine.submit(Request("r", 0.0, QoS("x", ttlt=60.0), 3, 2, [1, 2, 3]), SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
