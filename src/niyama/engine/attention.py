@@ -74,15 +74,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=dg.mask)
         out[rows] = o.transpose(0, 1).reshape(b, num_heads * head_dim)
     for chunk in meta.prefills:
+        # 4-D tensors (a batch of one): for 3-D ones SDPA on the CPU takes its unfused path, 2-3× slower.
         rows = slice(chunk.row, chunk.row + chunk.length)
-        query = q[rows].transpose(0, 1)
+        query = q[rows].transpose(0, 1)[None]
         if chunk.blocks is None:
-            o = F.scaled_dot_product_attention(query, k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+            o = F.scaled_dot_product_attention(query, k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None],
                                                is_causal=True, enable_gqa=True)
         else:
             context = chunk.mask.shape[1]
-            keys = _gather(k_cache, chunk.blocks)[:, :context]
-            values = _gather(v_cache, chunk.blocks)[:, :context]
+            keys = _gather(k_cache, chunk.blocks)[None, :, :context]
+            values = _gather(v_cache, chunk.blocks)[None, :, :context]
             o = F.scaled_dot_product_attention(query, keys, values, attn_mask=chunk.mask, enable_gqa=True)
-        out[rows] = o.transpose(0, 1).reshape(chunk.length, num_heads * head_dim)
+        out[rows] = o[0].transpose(0, 1).reshape(chunk.length, num_heads * head_dim)
     return out
