@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
@@ -216,7 +217,8 @@ async def _complete(state: ServerState, http: Request, body: SamplingRequest, pr
             "service_tier": state.policy.tier_of(qos, body.service_tier)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(head, outputs, chat, include_usage), media_type="text/event-stream")
+        abort = partial(state.engine.abort, request.request_id)
+        return StreamingResponse(_stream(head, outputs, chat, include_usage, abort), media_type="text/event-stream")
     collecting = asyncio.ensure_future(_collect(outputs))
     while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
         if await http.is_disconnected():  # nobody will read the answer: stop computing it
@@ -246,9 +248,10 @@ async def _collect(outputs: AsyncIterator[StepOutput]) -> tuple[list[str], StepO
 
 
 async def _stream(head: dict[str, Any], outputs: AsyncIterator[StepOutput], chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, abort: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new piece of text, the finish reason and ``niyama`` on the
-    last, then usage (when asked) and ``[DONE]``."""
+    last, then usage (when asked) and ``[DONE]``. A client that leaves early aborts the request, even
+    before ``outputs`` is first read (a generator that never started cannot clean up after itself)."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -260,20 +263,27 @@ async def _stream(head: dict[str, Any], outputs: AsyncIterator[StepOutput], chat
         delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    if chat:
-        yield event([choice("", None, role=True)])
+    ended = False
     try:
-        async for out in outputs:
-            if out.finished:
-                r = out.request
-                yield event([choice(out.text, _finish_reason(r))], niyama=niyama_info(r))
-                if include_usage:
-                    yield event([], usage=_usage(r))
-            elif out.text:
-                yield event([choice(out.text, None)])
-    except (ValueError, RuntimeError) as e:
-        yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
-    yield "data: [DONE]\n\n"
+        if chat:
+            yield event([choice("", None, role=True)])
+        try:
+            async for out in outputs:
+                if out.finished:
+                    ended = True
+                    r = out.request
+                    yield event([choice(out.text, _finish_reason(r))], niyama=niyama_info(r))
+                    if include_usage:
+                        yield event([], usage=_usage(r))
+                elif out.text:
+                    yield event([choice(out.text, None)])
+        except (ValueError, RuntimeError) as e:
+            ended = True
+            yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not ended:
+            abort()
 
 
 def _engine_error(e: Exception) -> APIError:

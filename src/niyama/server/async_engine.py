@@ -106,9 +106,14 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                with self._cond:
-                    self._aborts.append(rid)
-                    self._cond.notify()
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        """(Event-loop side.) Stop a request the client no longer reads; the loop frees its KV blocks before
+        its next iteration. A finished or unknown request is left alone."""
+        with self._cond:
+            self._aborts.append(rid)
+            self._cond.notify()
 
     # -- the loop (engine thread) --------------------------------------------------------------
     def _run(self) -> None:

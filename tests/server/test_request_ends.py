@@ -1,4 +1,5 @@
-"""SIGTERM while requests are open: a bounded drain, then every client hears why its request ended."""
+"""Requests that end early: the server shuts down (a bounded drain, then every client hears why), its engine
+has stopped, or the client leaves."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
 from niyama.qos import QoS
 from niyama.request import Request
+from niyama.server.app import _stream
 from niyama.server.async_engine import AsyncEngine, Unavailable
 from niyama.server.metrics import Metrics
 from tests.server.conftest import serve
@@ -58,3 +60,20 @@ def test_a_stopped_engine_refuses_requests_instead_of_queueing_them():
             engine.submit(Request("r", 0.0, QoS("x", ttlt=60.0), 3, 2, [1, 2, 3]), SamplingParams(max_tokens=2))
 
     asyncio.run(main())
+
+
+def test_a_stream_left_before_its_outputs_are_read_aborts_its_request():
+    """The role chunk goes out before the engine's outputs are first read; a client that left right then
+    used to leave its request running to max_tokens (a generator that never started has no cleanup)."""
+    async def outputs():
+        raise AssertionError("never read")
+        yield
+
+    async def main() -> list[int]:
+        aborted = []
+        events = _stream({"id": "x"}, outputs(), chat=True, include_usage=False, abort=lambda: aborted.append(1))
+        assert '"role": "assistant"' in await anext(events)
+        await events.aclose()  # the client is gone
+        return aborted
+
+    assert asyncio.run(main()) == [1]
