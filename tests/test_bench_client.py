@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from niyama.bench.client import BenchConfig, ServerError, list_models, run_load_async
+from niyama.bench.client import BenchConfig, ServerError, _service_tiers, list_models, run_load_async
 from niyama.qos import Importance, QoSClasses
 from niyama.sim.workload import RequestSpec
 
@@ -131,3 +131,118 @@ def test_a_server_that_is_not_openai_compatible_is_named_as_such(answer):
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def _one(kind: int, cls: str = "chat") -> list[RequestSpec]:
+    return [RequestSpec(0.0, 8, kind, cls, Importance.STANDARD)]
+
+
+def test_a_stalled_stream_fails_after_the_stall_timeout(fake_server):
+    """Without a drain timeout, a server that stops sending used to hang the benchmark forever."""
+    async def main():
+        runner, url = await fake_server()
+        try:
+            return await run_load_async(_one(HANG), CLASSES, BenchConfig(base_url=url, stall_timeout=0.5,
+                                                                         progress=False))
+        finally:
+            await runner.cleanup()
+
+    hung = asyncio.run(main()).results[0]
+    assert hung.error == "the stream stalled: nothing arrived within the stall timeout"
+
+
+def test_a_server_that_never_lists_its_models_is_given_up_on(monkeypatch):
+    monkeypatch.setattr("niyama.bench.client.SETUP_TIMEOUT", 0.5)
+
+    async def models(_: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner, url = await _start(app)
+        try:
+            with pytest.raises(ServerError, match="did not answer within 0.5 s"):
+                await run_load_async(_one(GOOD), CLASSES, BenchConfig(base_url=url, progress=False))
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("cfg", "error", "message"), [
+    ({"model": "other"}, ServerError, "does not serve model 'other' \\(it lists fake\\)"),
+    ({"qos_mode": "service-tier", "service_tiers": {"chatt": "priority"}}, ValueError,
+     "--service-tiers names unknown class\\(es\\) chatt"),
+    ({"qos_mode": "priority", "priorities": {"chat": 0, "batch": 1, "bulk": 2}}, ValueError,
+     "--priorities names unknown class\\(es\\) bulk"),
+])
+def test_settings_that_cannot_be_what_the_user_meant_stop_before_the_run(fake_server, cfg, error, message):
+    async def main():
+        runner, url = await fake_server()
+        try:
+            await run_load_async(_one(GOOD), CLASSES, BenchConfig(base_url=url, progress=False, **cfg))
+        finally:
+            await runner.cleanup()
+
+    with pytest.raises(error, match=message):
+        asyncio.run(main())
+
+
+def test_a_base_url_without_its_scheme_is_named():
+    with pytest.raises(ValueError, match="must start with http:// or https://"):
+        asyncio.run(run_load_async(_one(GOOD), CLASSES, BenchConfig(base_url="127.0.0.1:8000/v1")))
+
+
+def test_default_service_tiers_follow_the_class_kind_not_its_name():
+    assert _service_tiers(CLASSES) == {"chat": "priority", "batch": "flex"}
+
+
+def test_a_capacity_search_goes_on_past_a_point_where_every_request_was_refused(tmp_path):
+    """A server that sheds load (429) under a higher rate used to end the whole search with an error."""
+    import threading
+
+    from niyama.bench.commands import find_live_capacity
+    from niyama.cli import build_parser
+
+    served = 0
+
+    async def shedding(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        if served > 4:  # the first point's requests; everything after is refused
+            return web.json_response({"error": {"message": "busy"}}, status=429)
+        return await _completions(request)
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/completions", shedding)
+    runner, url = loop.run_until_complete(_start(app))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        qos = tmp_path / "qos.toml"
+        qos.write_text('default = "chat"\n[classes.chat]\nttft = 5.0\ntbt = 1.0\n')
+        args = build_parser().parse_args([
+            "bench", "capacity", "--base-url", url, "--trace", "synthetic", "--input-len", "8", "--output-len",
+            str(GOOD), "--duration", "2", "--qos-config", str(qos), "--no-progress", "--start", "2",
+            "--tolerance", "0.5"])
+        result, runs = find_live_capacity(args, QoSClasses.load(qos), tmp_path / "cap", "cap")
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+    assert runs[0]["worst_violation_pct"] == 0.0 and len(runs) >= 2
+    assert all(r["worst_violation_pct"] >= 10.0 for r in runs[1:]) and 2.0 <= result.capacity < 3.0
+
+
+def test_duration_without_a_rate_replays_that_window_of_the_trace():
+    """It was ignored: `--duration 10` replayed the whole hour of the trace."""
+    from niyama.bench.commands import workload
+    from niyama.cli import build_parser
+    from niyama.sim.workload import load_trace
+
+    args = build_parser().parse_args(["bench", "--trace", "azure_conv", "--duration", "10"])
+    arrivals = load_trace("azure_conv").arrivals
+    assert workload(args, CLASSES, None).num_requests == int((arrivals < 10).sum()) < len(arrivals)

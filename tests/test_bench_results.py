@@ -24,10 +24,28 @@ def test_interactive_is_judged_by_ttft_and_pace_by_cumulative_token_deadlines():
     assert late_first["slo_met"] is False and late_first["tbt_met"] is False
 
 
-def test_last_chunk_carries_the_last_token_when_the_server_merges_tokens():
-    # Three chunks but five tokens: the last chunk is judged as token 5 (due 13.0), not token 3 (due 12.0).
+def test_merged_tokens_are_judged_by_the_earliest_deadline_among_them():
+    # Three chunks but five tokens: chunk 3 is judged as token 3 (due 12.0), not as token 5 (due 13.0), so
+    # a stall that ends with the rest of the answer in one chunk is not hidden.
     row = result_row(_result("chat", 10.0, [10.5, 11.2, 12.9], tokens=5), CLASSES)
-    assert row["output_tokens"] == 5 and row["tbt_met"] is True
+    assert row["output_tokens"] == 5 and row["tbt_met"] is False
+    assert result_row(_result("chat", 10.0, [10.5, 11.2, 11.9], tokens=5), CLASSES)["tbt_met"] is True
+
+
+def test_a_request_cut_off_by_the_end_of_the_run_is_a_violation():
+    """It was judged on what had arrived: an interactive answer that stalled after a timely first token
+    counted as met."""
+    row = result_row(_result("chat", 10.0, [10.5, 11.0], tokens=None, finished=None, cancelled=True), CLASSES)
+    assert row["slo_met"] is False and row["tbt_met"] is False and row["cancelled"] is True
+
+
+def test_throughput_counts_completed_requests_only():
+    done = _result("chat", 0.0, [0.5, 1.0])
+    failed = _result("chat", 0.0, [], error="HTTP 500: boom")
+    cut = _result("batch", 0.0, [3.0], finished=None, cancelled=True)
+    run = RunResult([done, failed, cut], duration=10.0)
+    summary = run_summary(run, run_rows(run, CLASSES))
+    assert summary["throughput_rps"] == 1 / 10.0 and summary["output_tok_s"] == 2 / 10.0
 
 
 def test_batch_is_judged_by_the_last_token_and_errors_are_violations():

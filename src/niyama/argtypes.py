@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -67,6 +68,16 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
     return value
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and check that a file can be written in it: before a long run, not when
+    its results are saved."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        raise PermissionError(f"cannot write in {path}") from None
 
 
 def output_file(text: str) -> Path:

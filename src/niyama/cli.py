@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from niyama.argtypes import mix, non_negative, non_negative_int, output_file, positive, positive_int
+from niyama.argtypes import (
+    ensure_writable_dir,
+    mix,
+    non_negative,
+    non_negative_int,
+    output_file,
+    positive,
+    positive_int,
+)
 from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
@@ -46,30 +53,23 @@ def _setup(args: argparse.Namespace):
     QoSClasses.load(args.qos_config)  # fail early on a bad file
     config = SchedulerConfig(chunk_size=args.chunk_size, hybrid_alpha=args.alpha,
                              dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):  # before the run, not when its results are written
-        raise PermissionError(f"cannot write in {args.output_dir}")
+    ensure_writable_dir(args.output_dir)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
                  qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
                  length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from niyama.predictor import BatchTimePredictor
     from niyama.sim import plots
     from niyama.sim.experiments import variant_config
     from niyama.sim.report import format_summary, request_row, summarize, write_rows
     from niyama.sim.simulator import SimConfig, simulate
-    from niyama.sim.workload import WorkloadSpec, build_workload, load_trace
+    from niyama.sim.workload import WorkloadSpec, build_workload, requests_in
 
     setup = _setup(args)
     classes = QoSClasses.load(args.qos_config)
-    num = args.num_requests or (max(1, int(args.rate * args.duration)) if args.rate else None)
-    if num is None:  # the trace's own arrival times, for --duration seconds
-        arrivals = load_trace(args.trace).arrivals
-        num = None if arrivals is None else max(1, int(np.searchsorted(arrivals, args.duration)))
+    num = args.num_requests or requests_in(args.trace, args.duration, args.rate)
     spec = WorkloadSpec(trace=args.trace, rate=args.rate, num_requests=num,
                         class_mix=args.class_mix or {n: 1.0 for n in classes},
                         importance_mix=args.importance_mix, length_scale=args.length_scale, seed=args.seed)

@@ -75,3 +75,5 @@ def test_bench_errors_are_one_readable_line(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().startswith("niyama: error: cannot reach")
     done = subprocess.run([*cmd, "--class-mix", "nosuch"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown QoS class 'nosuch'" in done.stderr
+    done = subprocess.run([*cmd, "--output-dir", "/proc"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "niyama: error: cannot write in /proc"  # not after the run

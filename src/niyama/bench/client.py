@@ -24,7 +24,7 @@ from niyama.qos import QoS, QoSClasses
 from niyama.sim.workload import RequestSpec
 
 QOS_MODES = ("niyama", "service-tier", "priority", "none")
-DEFAULT_TIERS = {"interactive": "priority"}  # other classes: "flex"
+SETUP_TIMEOUT = 30.0  # s for the server to answer GET /models
 WORDS = ("time", "people", "way", "water", "word", "world", "number", "part", "place", "sound", "work", "year",
          "light", "house", "story", "point", "river", "city", "music", "paper", "color", "field", "table", "road")
 
@@ -39,12 +39,13 @@ class BenchConfig:
     model: str | None = None  # default: the first model the server lists
     endpoint: str = "completions"  # or "chat"
     qos_mode: str = "niyama"  # how each request states its class (QOS_MODES)
-    service_tiers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    service_tiers: Mapping[str, str] | None = None  # class → tier; default: interactive classes priority, others flex
     priorities: Mapping[str, int] | None = None  # class → vLLM priority; default: by deadline, tightest 0
     ignore_eos: bool = True
     vocab_size: int = 32000  # random prompt ids are drawn from [100, vocab_size)
     api_key: str | None = None
     drain_timeout: float | None = None  # after the last arrival, cancel what is still running
+    stall_timeout: float | None = 600.0  # a stream silent this long fails (a hung server must not hang us)
     stop_at_violation_pct: float | None = None  # end the run once a class has this many certain violations
     seed: int = 0
     progress: bool = True
@@ -95,8 +96,13 @@ def _priorities(classes: QoSClasses) -> dict[str, int]:
     return {name: i for i, name in enumerate(order)}
 
 
+def _service_tiers(classes: QoSClasses) -> dict[str, str]:
+    """OpenAI service tier per class: ``priority`` for interactive classes, ``flex`` for batch ones."""
+    return {name: "priority" if qos.interactive else "flex" for name, qos in classes.items()}
+
+
 def _body(cfg: BenchConfig, model: str, spec: RequestSpec, prompt: list[int] | str, classes: QoSClasses,
-          priorities: Mapping[str, int]) -> dict[str, Any]:
+          priorities: Mapping[str, int], tiers: Mapping[str, str]) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": spec.decode_tokens, "temperature": 0.0, "stream": True,
                             "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
@@ -110,7 +116,7 @@ def _body(cfg: BenchConfig, model: str, spec: RequestSpec, prompt: list[int] | s
         slo = {"ttlt": qos.ttlt} if qos.ttlt is not None else {"ttft": qos.ttft, "tbt": qos.tbt}
         body["qos"] = {"class": spec.qos_class, **slo, "importance": spec.importance.name.lower()}
     elif cfg.qos_mode == "service-tier":
-        body["service_tier"] = cfg.service_tiers.get(spec.qos_class, "flex")
+        body["service_tier"] = tiers[spec.qos_class]
     elif cfg.qos_mode == "priority":
         body["priority"] = priorities[spec.qos_class]
     return body
@@ -165,6 +171,8 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
                                 "(ignore_eos not honoured?)")
             else:
                 result.finished = time.perf_counter() - t0
+    except aiohttp.ServerTimeoutError:  # a read gave nothing for ``stall_timeout`` seconds
+        result.error = "the stream stalled: nothing arrived within the stall timeout"
     except aiohttp.ClientError as e:
         result.error = f"{type(e).__name__}: {e}"[:200]
     except (ValueError, AttributeError, TypeError) as e:  # a malformed event
@@ -177,12 +185,13 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
 
 
 async def list_models(session: aiohttp.ClientSession, base_url: str, required: bool = True) -> list[str]:
-    """The server's model ids. Not ``required``: only check that the server answers (any HTTP status)."""
+    """The server's model ids. Not ``required``: a server without the model list (any other HTTP status)
+    gives []."""
     try:
-        async with session.get(f"{base_url}/models") as resp:
-            if not required:
-                return []
+        async with session.get(f"{base_url}/models", timeout=aiohttp.ClientTimeout(total=SETUP_TIMEOUT)) as resp:
             if resp.status != 200:
+                if not required:
+                    return []
                 raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
             body = await resp.json(content_type=None)
             models = [m["id"] for m in body["data"]]
@@ -191,6 +200,8 @@ async def list_models(session: aiohttp.ClientSession, base_url: str, required: b
                           f"({type(e).__name__}: {e}); is this an OpenAI-compatible server?") from None
     except aiohttp.ClientError as e:
         raise ServerError(f"cannot reach {base_url}: {e}") from None
+    except TimeoutError:
+        raise ServerError(f"GET {base_url}/models did not answer within {SETUP_TIMEOUT:g} s") from None
     if not models:
         raise ServerError(f"{base_url}/models lists no model")
     return models
@@ -213,18 +224,27 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
         raise ValueError(f"qos mode must be one of {', '.join(QOS_MODES)}, got {cfg.qos_mode!r}")
     for spec in specs:
         classes[spec.qos_class]  # unknown classes fail before anything is sent
+    for option, given in (("--service-tiers", cfg.service_tiers), ("--priorities", cfg.priorities)):
+        if unknown := set(given or ()) - set(classes):
+            raise ValueError(f"{option} names unknown class(es) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(classes)})")
+    if not cfg.base_url.startswith(("http://", "https://")):
+        raise ValueError(f"the base URL must start with http:// or https:// (got {cfg.base_url!r})")
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     rng = np.random.default_rng(cfg.seed)
     priorities = cfg.priorities or _priorities(classes)
+    tiers = {**_service_tiers(classes), **(cfg.service_tiers or {})}
     if cfg.qos_mode == "priority" and (missing := {s.qos_class for s in specs} - set(priorities)):
         raise ValueError(f"no priority for class(es) {', '.join(sorted(missing))}")
     results = [RequestResult(i, s) for i, s in enumerate(specs)]
     totals = {name: sum(1 for s in specs if s.qos_class == name) for name in classes}
     connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=cfg.stall_timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         models = await list_models(session, base, required=cfg.model is None)  # fail fast if nobody answers
+        if cfg.model is not None and models and cfg.model not in models:
+            raise ServerError(f"{base} does not serve model {cfg.model!r} (it lists {', '.join(models)})")
         model = cfg.model or models[0]
         url = f"{base}/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
         bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
@@ -241,8 +261,8 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
                     prompt: list[int] | str = " ".join(rng.choice(WORDS, spec.prompt_tokens))
                 else:
                     prompt = rng.integers(100, cfg.vocab_size, spec.prompt_tokens).tolist()
-                task = asyncio.create_task(_send(session, url, _body(cfg, model, spec, prompt, classes, priorities),
-                                                 result, t0))
+                body = _body(cfg, model, spec, prompt, classes, priorities, tiers)
+                task = asyncio.create_task(_send(session, url, body, result, t0))
                 task.add_done_callback(lambda _: bar.update(1))
                 tasks.append(task)
 

@@ -3,10 +3,9 @@
 A request's SLO is judged from the client's clock, from the moment it was sent: interactive requests by
 their first token (TTFT), batch requests by their last (TTLT); the token pace (TBT) of interactive requests
 is judged against cumulative per-token deadlines and reported apart, as in the simulator. Chunk ``k`` of a
-stream is taken to carry token ``k`` (the last chunk carries the last token): a server that merges tokens
-into one chunk is judged by the earlier token's deadline, which is the stricter reading. Failed requests
-miss their SLO; requests cut short by the end of the run are judged on what had arrived (a batch request
-that did not finish missed; an interactive one is judged by its first token).
+stream is taken to carry token ``k``: a server that merges tokens into one chunk is judged by the earliest
+deadline among them, the stricter reading. Failed requests miss their SLO, and so do requests cut short
+by the end of the run (drain timeout, early stop): an answer that never completed is no met SLO.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
     sent = r.sent if r.sent is not None else r.spec.arrival
     ttft = times[0] - sent if times else None
     ttlt = r.finished - sent if r.finished is not None and r.error is None else None
-    token_index = [*range(1, len(times)), n] if times else []
-    lateness = [t - qos.token_deadline(sent, k) for t, k in zip(times, token_index, strict=True)]
-    slo_met = bool(times) and not r.missed(qos, math.inf)
+    lateness = [t - qos.token_deadline(sent, k) for k, t in enumerate(times, start=1)]
+    slo_met = bool(times) and not r.cancelled and not r.missed(qos, math.inf)
     info = r.server_info or {}
     return {
         "id": r.index,
@@ -45,7 +43,7 @@ def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
         "queue_time": info.get("queue_time"),
         "max_lateness": max(lateness) if lateness else None,
         "slo_met": slo_met,
-        "tbt_met": (max(lateness) <= 0 if lateness else False) if qos.interactive else None,
+        "tbt_met": (bool(lateness) and max(lateness) <= 0 and not r.cancelled) if qos.interactive else None,
         "server_class": info.get("class"),  # the class the server applied (Niyama servers say)
         "relegated": info.get("relegated"),
         "preemptions": info.get("num_preemptions"),

@@ -68,22 +68,24 @@ def summarize(rows: list[dict[str, Any]], duration: float) -> dict[str, Any]:
 
     ``rows`` are ``request_row`` dicts (simulated requests) or the benchmark client's rows (same keys).
     Goodput is as ``vllm bench serve`` defines it, with each request's own SLO: requests that met it per
-    second of the run.
+    second of the run. Throughput, as there, counts completed requests only (the client's rows may hold
+    failed and cut-off ones).
     """
     by_class: dict[str, list[dict[str, Any]]] = {}
     by_importance: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_class.setdefault(row["class"], []).append(row)
         by_importance.setdefault(row["importance"], []).append(row)
-    tokens = sum(r["prompt_tokens"] + r["output_tokens"] for r in rows)
-    output_tokens = sum(r["output_tokens"] for r in rows)
+    completed = [r for r in rows if not r.get("error") and not r.get("cancelled")]
+    tokens = sum(r["prompt_tokens"] + r["output_tokens"] for r in completed)
+    output_tokens = sum(r["output_tokens"] for r in completed)
     good = sum(1 for r in rows if r["slo_met"] is True)
     return {
         "overall": _group_summary(rows),
         "classes": {k: _group_summary(v) for k, v in sorted(by_class.items())},
         "importance": {k: _group_summary(v) for k, v in sorted(by_importance.items())},
         "duration_s": duration,
-        "throughput_rps": len(rows) / duration if duration else 0.0,
+        "throughput_rps": len(completed) / duration if duration else 0.0,
         "throughput_tok_s": tokens / duration if duration else 0.0,
         "output_tok_s": output_tokens / duration if duration else 0.0,
         "goodput_rps": good / duration if duration else 0.0,

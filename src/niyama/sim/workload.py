@@ -129,6 +129,15 @@ class WorkloadSpec:
     seed: int = 0
 
 
+def requests_in(trace: str, duration: float, rate: float | None) -> int | None:
+    """Requests arriving in ``duration`` seconds: rate × duration, or, replaying the trace's own arrival
+    times (no rate), those of its first ``duration`` seconds; None for a trace without arrival times."""
+    if rate:
+        return max(1, int(rate * duration))
+    arrivals = load_trace(trace).arrivals
+    return None if arrivals is None else max(1, int(np.searchsorted(arrivals, duration)))
+
+
 def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: str) -> np.ndarray:
     names = list(mix)
     weights = np.array([mix[k] for k in names], dtype=float)
