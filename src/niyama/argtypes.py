@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -70,14 +69,21 @@ def port(text: str) -> int:
     return value
 
 
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits say yes for root even in /proc)."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
 def ensure_writable_dir(path: Path) -> None:
     """Create ``path`` if needed and check that a file can be written in it: before a long run, not when
     its results are saved."""
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError:
-        raise PermissionError(f"cannot write in {path}") from None
+    if not _can_write_in(path):
+        raise PermissionError(f"cannot write in {path}")
 
 
 def output_file(text: str) -> Path:
@@ -87,7 +93,7 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a directory")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
+    if not _can_write_in(path.parent):
         raise argparse.ArgumentTypeError(f"cannot write in {path.parent}")
     return path
 

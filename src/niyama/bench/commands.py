@@ -178,8 +178,8 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
         run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
         summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s")
-        if not any(not _all_failed(r["summary"]) for r in runs):  # once the server has served, failures
-            _check_any_succeeded(summary, stem)  # under load (429s, say) are its violations, not an error
+        if all(_all_failed(r["summary"]) for r in runs):  # once the server has served, failures under
+            _check_any_succeeded(summary, stem)  # load (429s, say) are its violations, not an error
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.
         early = run.stop_reason == "violations"
         worst = args.stop_at if early else max_class_violation(summary)
