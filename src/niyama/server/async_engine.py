@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,15 @@ from niyama.request import Request
 from niyama.server.metrics import Metrics
 
 log = logging.getLogger("niyama.server")
+
+
+def engine_thread() -> ThreadPoolExecutor:
+    """The one-worker executor for all torch work. SIGINT and SIGTERM are blocked on its thread (and on the
+    OpenMP workers it starts, which inherit the mask), so that the kernel delivers them to the main thread:
+    one delivered to a busy worker woke nobody, and a main thread asleep in ``Future.result()`` never ran
+    Python's handler (Ctrl-C during calibration was ignored until it ended)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="niyama-engine", initializer=signal.pthread_sigmask,
+                              initargs=(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}))
 
 
 class QueueFull(Exception):
@@ -49,7 +59,7 @@ class AsyncEngine:
         self._num_queued = 0  # waiting + relegated (+ taken from _new since the last recount)
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="niyama-engine")
+        self._thread = thread or engine_thread()
         self._running: Future[None] | None = None
 
     # -- lifecycle (event-loop side) -----------------------------------------------------------

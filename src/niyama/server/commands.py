@@ -70,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.scheduler import SchedulerConfig
     from niyama.server.app import ServerState, create_app
     from niyama.server.async_engine import AsyncEngine
+    from niyama.server.async_engine import engine_thread as new_engine_thread
     from niyama.server.calibration import load_or_calibrate
     from niyama.server.http_server import DrainingServer
     from niyama.server.metrics import Metrics
@@ -82,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
                           num_threads=args.threads)
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
-    engine_thread = ThreadPoolExecutor(1, thread_name_prefix="niyama-engine")
+    engine_thread = new_engine_thread()
     print(f"niyama: loading {path}", file=sys.stderr)
     runner = _start_up(engine_thread, ModelRunner.from_config, config)
     tokenizer = Tokenizer(args.model)
