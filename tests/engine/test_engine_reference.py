@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from niyama.engine import SamplingParams, default_model_path
-from niyama.engine.model import RESCORED, Linear
+from niyama.engine.model import RESCORED, Linear, rms_norm
 from niyama.memory import KVBlockManager
 from tests.engine.helpers import make_request, make_runner
 
@@ -72,19 +72,24 @@ def test_bf16_top1_agrees_with_fp32(weights, engine32, prompt_ids):
     assert agree / total >= 0.99, f"bf16 top-1 agreement {agree / total:.4f}"
 
 
-def test_bf16_small_batch_logits_are_exact_at_the_top(weights, prompt_ids):
-    """Batches of at most Linear.SMALL_BATCH rows take bf16 logits and recompute their top candidates in float32: the
-    candidates match the all-float32 head of larger batches, and the tail stays within bf16 rounding."""
+def test_bf16_logits_are_exact_at_the_top(weights, prompt_ids):
+    """bf16 batches of at most Linear.SMALL_BATCH rows (any batch where bf16 is native) take bf16 logits and
+    recompute their top candidates in float32: the candidates match the float32 head, and the tail stays
+    within bf16 rounding."""
     runner = make_runner(weights, torch.bfloat16, 64 << 20)
+    model = runner.model
     kv = KVBlockManager(runner.num_blocks, runner.block_size)
     r = make_request("p", prompt_ids[3], 1)
     kv.allocate(r, r.num_tokens)
     with torch.inference_mode():
         batch = runner.prepare([(r, r.num_tokens)])
-        hidden = runner.model.forward(batch.input_ids, batch.positions, batch.meta, runner.kv_cache)
-        exact = runner.model.logits(hidden[-8:])  # more rows: float32 head throughout
-        for rows in (1, Linear.SMALL_BATCH):
-            fast = runner.model.logits(hidden[-rows:])
+        hidden = model.forward(batch.input_ids, batch.positions, batch.meta, runner.kv_cache)
+        exact = torch.nn.functional.linear(rms_norm(hidden, model.norm, model.config.rms_norm_eps), model.lm_head)
+        for rows in (1, Linear.SMALL_BATCH, 8):
+            fast = model.logits(hidden[-rows:])
+            if model.low_logit_rows is not None and rows > model.low_logit_rows:  # float32 head throughout
+                torch.testing.assert_close(fast, exact[-rows:])
+                continue
             top = exact[-rows:].topk(RESCORED // 2, dim=-1).indices
             torch.testing.assert_close(fast.gather(1, top), exact[-rows:].gather(1, top), rtol=0, atol=1e-4)
             assert torch.equal(fast.argmax(-1), exact[-rows:].argmax(-1))

@@ -4,9 +4,9 @@ The batch's tokens are ordered with all single-token chunks (decodes) first, the
 chunks. Each layer first writes the batch's new keys/values into their cache slots, then:
 
 - single-token chunks attend in groups of similar context length (sorted longest first): each group's
-  blocks are gathered into a padded ``[kv_heads, B, max_context, head_dim]`` tensor and one SDPA call
-  runs with a length mask; the query heads sharing a KV head form the "query length" axis, so
-  grouped-query attention needs no copies. Grouping keeps the padding, and so the cost, close to the sum
+  blocks are gathered into a padded ``[B, max_context, kv_heads, head_dim]`` tensor and one SDPA call
+  runs with a length mask over its ``[B, kv_heads, max_context, head_dim]`` view; the query heads sharing
+  a KV head form the "query length" axis, so grouped-query attention needs no copies. Grouping keeps the padding, and so the cost, close to the sum
   of the contexts rather than ``B`` times the longest one;
 - each prefill chunk attends on its own: a chunk that starts a prompt uses its fresh keys with a
   causal mask, a continuation gathers its earlier context from the cache and uses an offset causal mask.
@@ -33,7 +33,7 @@ class DecodeGroup:
     row: int  # first row of the group's single-token chunks
     size: int  # number of single-token chunks (B)
     blocks: torch.Tensor  # [B * max_blocks] padded block tables
-    mask: torch.Tensor  # [1, B, 1, max_blocks * block_size] bool, True = attend
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool, True = attend
 
 
 @dataclass(slots=True)
@@ -47,15 +47,14 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
     """Store the batch's new keys/values ``[T, kv_heads, head_dim]`` at their slots."""
-    k_cache[:, meta.slot_blocks, meta.slot_offsets] = k.transpose(0, 1)
-    v_cache[:, meta.slot_blocks, meta.slot_offsets] = v.transpose(0, 1)
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Blocks ``[N]`` of one layer's cache as ``[kv_heads, N * block_size, head_dim]``."""
-    kv_heads, _, block_size, head_dim = cache.shape
-    flat = cache.flatten(2).index_select(1, blocks)
-    return flat.view(kv_heads, blocks.numel() * block_size, head_dim)
+    """Blocks ``[N]`` of one layer's cache as ``[N * block_size, kv_heads, head_dim]``."""
+    _, block_size, kv_heads, head_dim = cache.shape
+    return cache.index_select(0, blocks).view(blocks.numel() * block_size, kv_heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -68,11 +67,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = q.new_empty(num_tokens, num_heads * head_dim)
     for dg in meta.decodes:
         b, rows = dg.size, slice(dg.row, dg.row + dg.size)
-        keys = _gather(k_cache, dg.blocks).view(kv_heads, b, -1, head_dim)
-        values = _gather(v_cache, dg.blocks).view(kv_heads, b, -1, head_dim)
-        query = q[rows].view(b, kv_heads, group, head_dim).transpose(0, 1)
+        keys = _gather(k_cache, dg.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+        values = _gather(v_cache, dg.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+        query = q[rows].view(b, kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=dg.mask)
-        out[rows] = o.transpose(0, 1).reshape(b, num_heads * head_dim)
+        out[rows] = o.reshape(b, num_heads * head_dim)
     for chunk in meta.prefills:
         # 4-D tensors (a batch of one): for 3-D ones SDPA on the CPU takes its unfused path, 2-3× slower.
         rows = slice(chunk.row, chunk.row + chunk.length)
@@ -82,8 +81,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                                is_causal=True, enable_gqa=True)
         else:
             context = chunk.mask.shape[1]
-            keys = _gather(k_cache, chunk.blocks)[None, :, :context]
-            values = _gather(v_cache, chunk.blocks)[None, :, :context]
+            keys = _gather(k_cache, chunk.blocks)[:context].transpose(0, 1)[None]
+            values = _gather(v_cache, chunk.blocks)[:context].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(query, keys, values, attn_mask=chunk.mask, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1).reshape(chunk.length, num_heads * head_dim)
     return out

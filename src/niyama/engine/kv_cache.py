@@ -2,8 +2,10 @@
 
 Token ``i`` of a request lives in block ``request.block_ids[i // block_size]`` at offset
 ``i % block_size`` (the ids come from ``niyama.memory.KVBlockManager``). Per layer, keys and values are
-stored as ``[kv_heads, num_blocks, block_size, head_dim]``: gathering a request's blocks along dim 1
-yields ``[kv_heads, context, head_dim]`` directly, the layout attention wants.
+stored as ``[num_blocks, block_size, kv_heads, head_dim]``: gathering a request's blocks along dim 0
+copies whole blocks (one contiguous run each) and yields ``[context, kv_heads, head_dim]``, which
+attention reads through a transposed view. (Heads first, ``[kv_heads, num_blocks, ...]``, gathered a
+third as fast: 64 decodes × 256 tokens of one layer took 728 instead of 254 µs on a 2-core Xeon.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class KVCache:
             raise ValueError("the KV cache needs at least one block; raise its memory budget")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         try:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
@@ -42,5 +44,5 @@ class KVCache:
         return self.data.numel() * self.data.element_size()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of one layer, each ``[kv_heads, num_blocks, block_size, head_dim]``."""
+        """Keys and values of one layer, each ``[num_blocks, block_size, kv_heads, head_dim]``."""
         return self.data[index, 0], self.data[index, 1]

@@ -155,4 +155,4 @@ class ModelRunner:
         blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device).flatten()
         slots = width * self.block_size
         mask = torch.arange(slots, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
-        return DecodeGroup(row, len(tables), blocks, mask.view(1, len(tables), 1, slots))
+        return DecodeGroup(row, len(tables), blocks, mask.view(len(tables), 1, 1, slots))
