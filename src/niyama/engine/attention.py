@@ -6,8 +6,8 @@ chunks. Each layer first writes the batch's new keys/values into their cache slo
 - single-token chunks attend in groups of similar context length (sorted longest first): each group's
   blocks are gathered into a padded ``[B, max_context, kv_heads, head_dim]`` tensor and one SDPA call
   runs with a length mask over its ``[B, kv_heads, max_context, head_dim]`` view; the query heads sharing
-  a KV head form the "query length" axis, so grouped-query attention needs no copies. Grouping keeps the padding, and so the cost, close to the sum
-  of the contexts rather than ``B`` times the longest one;
+  a KV head form the "query length" axis, so grouped-query attention needs no copies. Grouping keeps the
+  padding, and so the cost, close to the sum of the contexts rather than ``B`` times the longest one;
 - each prefill chunk attends on its own: a chunk that starts a prompt uses its fresh keys with a
   causal mask, a continuation gathers its earlier context from the cache and uses an offset causal mask.
 """

@@ -56,7 +56,7 @@ class Sampler:
                  params: Sequence[SamplingParams]) -> tuple[list[int], list[float] | None]:
         """Tokens for each row of float32 ``logits [N, vocab]``, and their log-probabilities when any
         request asks for them (log-softmax of the raw logits, as OpenAI reports)."""
-        tokens = logits.argmax(dim=-1)
+        tokens = _argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
@@ -79,7 +79,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
             noise[i].exponential_(generator=self._generator(rid, p.seed, logits.device))
-        return (probs / noise).argmax(dim=-1)
+        return _argmax(probs / noise)
 
     def _generator(self, request_id: str, seed: int | None, device: torch.device) -> torch.Generator | None:
         if seed is None:
@@ -87,6 +87,12 @@ class Sampler:
         if request_id not in self._generators:
             self._generators[request_id] = torch.Generator(device).manual_seed(seed)
         return self._generators[request_id]
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``, the first maximum on ties too; ``max`` is the faster kernel on the CPU (64 rows of
+    49,152 logits: 0.9 instead of 2.3 ms on 2 cores)."""
+    return x.max(dim=-1).indices
 
 
 def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
