@@ -62,7 +62,7 @@ class Linear:
 
     - ``PACKED``: on CPUs with native bf16 (AVX512-BF16/AMX) the bf16 weight is reordered once into
       oneDNN's blocked layout. torch's plain bf16 matmul reorders it on every call: all 30 layers of
-      SmolLM2 at one row take 17.5 ms plain and 11.3 ms packed on a 2-core Sapphire Rapids (64 rows: 25
+      SmolLM2 at one row take 17.5 ms plain and 11.3 ms packed on a 2-core Xeon with AMX (64 rows: 25
       vs 17 ms; 512 rows about equal; 2,048 rows 329 vs 248 ms), with bit-identical results.
     - ``WIDE``: where bf16 matmuls are only emulated (CPUs without AVX512-BF16/AMX, ~5x slower than
       float32), a float32 copy of the bf16 weight serves batches above ``SMALL_BATCH`` rows: bf16 inputs
