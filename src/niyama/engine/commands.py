@@ -89,18 +89,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _profile_engine(args: argparse.Namespace) -> tuple[ProfileResult, dict[str, Any]]:
+    from tqdm import tqdm
+
     from niyama.engine.model_runner import ModelRunner
     from niyama.engine.profiler import profile, runner_meta
     from niyama.engine.weights import resolve_model_path
 
     runner = ModelRunner.from_config(_engine_config(args))
-
-    def progress(done: int, total: int) -> None:
-        print(f"\rtimed {done}/{total} batch runs", end="", file=sys.stderr, flush=True)
-
-    result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
-                     progress)
-    print(file=sys.stderr)
+    with tqdm(total=args.num_batches * args.repeats, desc="profiling", unit="batch", file=sys.stderr) as bar:
+        result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
+                         lambda done, _: bar.update(done - bar.n))
     return result, runner_meta(runner, resolve_model_path(args.model).name)
 
 
