@@ -16,7 +16,7 @@ from niyama.engine import EngineConfig, LLMEngine, SamplingParams
 from niyama.qos import QoS
 from niyama.request import Request
 from niyama.server.app import _stream
-from niyama.server.async_engine import AsyncEngine, Unavailable
+from niyama.server.async_engine import AsyncEngine, QueueFull, Unavailable
 from niyama.server.metrics import Metrics
 from tests.server.conftest import serve
 
@@ -60,6 +60,28 @@ def test_a_stopped_engine_refuses_requests_instead_of_queueing_them():
             engine.submit(Request("r", 0.0, QoS("x", ttlt=60.0), 3, 2, [1, 2, 3]), SamplingParams(max_tokens=2))
 
     asyncio.run(main())
+
+
+def test_a_burst_fills_the_free_running_slots_and_then_the_queue():
+    """One running slot and a queue of two take three of a burst of five. Requests not yet picked up by the
+    engine loop all counted as queued, so the burst got three 429s instead of two."""
+    core = LLMEngine(EngineConfig(kv_cache_memory=16 << 20, max_num_seqs=1)).core
+
+    async def main() -> list[bool]:
+        engine = AsyncEngine(core, Metrics("test"), max_queued_requests=2)
+        engine.start()
+        accepted = []
+        for i in range(5):  # no await in between: the loop has not taken any of them when the last comes
+            try:
+                engine.submit(Request(f"r{i}", 0.0, QoS("x", ttlt=60.0), 3, 500, [1, 2, 3]),
+                              SamplingParams(max_tokens=500, ignore_eos=True))
+                accepted.append(True)
+            except QueueFull:
+                accepted.append(False)
+        engine.stop()
+        return accepted
+
+    assert asyncio.run(main()) == [True, True, True, False, False]
 
 
 def test_a_stream_left_before_its_outputs_are_read_aborts_its_request():

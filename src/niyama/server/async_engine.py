@@ -57,6 +57,7 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._last_token_time: dict[str, float] = {}
         self._num_queued = 0  # waiting + relegated (+ taken from _new since the last recount)
+        self._free_slots = core.scheduler.config.max_num_seqs  # running slots free at the last recount
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = thread or engine_thread()
@@ -86,7 +87,8 @@ class AsyncEngine:
         if not self.alive:  # its loop ended (a failure it could not survive): nobody would answer
             raise Unavailable("the engine is not running")
         with self._cond:
-            if self._num_queued + len(self._new) >= self.max_queued_requests:
+            # Requests that will take a free running slot do not wait; a burst used to count them as queued.
+            if self._num_queued + len(self._new) - self._free_slots >= self.max_queued_requests:
                 raise QueueFull
             self._streams[request.request_id] = queue
             self._new.append((request, params))
@@ -179,7 +181,9 @@ class AsyncEngine:
 
     def _observe_state(self) -> None:
         s = self.core.scheduler
-        self._num_queued = s.num_waiting + s.num_relegated
+        with self._cond:  # submit reads both together
+            self._num_queued = s.num_waiting + s.num_relegated
+            self._free_slots = max(s.config.max_num_seqs - s.num_running, 0)
         self.metrics.observe_state(s.num_running, s.num_waiting, s.num_relegated, self.core.kv.usage,
                                    s.num_preemptions)
 
