@@ -87,7 +87,7 @@ def test_bf16_logits_are_exact_at_the_top(weights, prompt_ids):
         exact = torch.nn.functional.linear(rms_norm(hidden, model.norm, model.config.rms_norm_eps), model.lm_head)
         for rows in (1, Linear.SMALL_BATCH, 8):
             fast = model.logits(hidden[-rows:])
-            if model.low_logit_rows is not None and rows > model.low_logit_rows:  # float32 head throughout
+            if model.small_batch_rows is not None and rows > model.small_batch_rows:  # float32 head throughout
                 torch.testing.assert_close(fast, exact[-rows:])
                 continue
             top = exact[-rows:].topk(RESCORED // 2, dim=-1).indices

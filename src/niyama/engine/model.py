@@ -54,7 +54,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-RESCORED = 32  # candidates per row whose logits a small bf16 batch recomputes in float32
+RESCORED = 32  # candidates per row whose logits a bf16 batch recomputes in float32 (see ``logits``)
 
 
 class Linear:
@@ -149,7 +149,6 @@ class LlamaModel:
         self.lm_head_low = None
         if dtype == torch.bfloat16:
             self.lm_head_low = Linear(head.to(device=device, dtype=dtype).contiguous(), None, layout)
-        self.low_logit_rows = Linear.SMALL_BATCH if layout == Linear.WIDE else None
         self.norm = tensor("model.norm.weight").to(device=device, dtype=torch.float32)
         o_bias = config.attention_bias and config.architecture != "qwen2"  # Llama's flag covers o_proj too
         self.layers = []
@@ -202,12 +201,13 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for selected rows of ``forward``'s output.
 
-        In bf16, for batches of at most ``low_logit_rows`` rows (any batch where bf16 is native), only the
+        In bf16, for batches of at most ``small_batch_rows`` rows (any batch where bf16 is native), only the
         ``RESCORED`` highest logits of each row are exact; the rest carry bf16 rounding (about 0.4%), which
         moves no greedy choice and only the far tail of a sampled distribution.
         """
         x = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        if self.lm_head_low is None or (self.low_logit_rows is not None and x.shape[0] > self.low_logit_rows):
+        small = self.small_batch_rows
+        if self.lm_head_low is None or (small is not None and x.shape[0] > small):
             return F.linear(x, self.lm_head)
         logits = self.lm_head_low(x).float()
         top = logits.topk(RESCORED, dim=-1).indices
