@@ -146,9 +146,11 @@ class LlamaModel:
         # Decode steps are bound by reading weights, and the float32 head is the largest single read:
         # small batches (any batch, with native bf16) take bf16 logits first and recompute only their top
         # candidates in float32.
+        # (WIDE serves only small batches from it: no float32 copy beside ``lm_head``.)
         self.lm_head_low = None
         if dtype == torch.bfloat16:
-            self.lm_head_low = Linear(head.to(device=device, dtype=dtype).contiguous(), None, layout)
+            head_layout = Linear.PLAIN if layout == Linear.WIDE else layout
+            self.lm_head_low = Linear(head.to(device=device, dtype=dtype).contiguous(), None, head_layout)
         self.norm = tensor("model.norm.weight").to(device=device, dtype=torch.float32)
         o_bias = config.attention_bias and config.architecture != "qwen2"  # Llama's flag covers o_proj too
         self.layers = []

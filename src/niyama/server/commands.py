@@ -69,8 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.engine.weights import resolve_model_path
     from niyama.scheduler import SchedulerConfig
     from niyama.server.app import ServerState, create_app
-    from niyama.server.async_engine import AsyncEngine
-    from niyama.server.async_engine import engine_thread as new_engine_thread
+    from niyama.server.async_engine import AsyncEngine, engine_thread
     from niyama.server.calibration import load_or_calibrate
     from niyama.server.http_server import DrainingServer
     from niyama.server.metrics import Metrics
@@ -83,19 +82,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
                           num_threads=args.threads)
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
-    engine_thread = new_engine_thread()
+    worker = engine_thread()
     print(f"niyama: loading {path}", file=sys.stderr)
-    runner = _start_up(engine_thread, ModelRunner.from_config, config)
+    runner = _start_up(worker, ModelRunner.from_config, config)
     tokenizer = Tokenizer(args.model)
     predictor = None
     if args.scheduler in NEEDS_PREDICTOR:
-        predictor = _start_up(engine_thread, load_or_calibrate, runner, name, args.profile,
+        predictor = _start_up(worker, load_or_calibrate, runner, name, args.profile,
                               args.max_num_batched_tokens, args.calibration_batches)
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
         core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration, log)
-        engine = AsyncEngine(core, Metrics(name), args.max_queued_requests, engine_thread)
+        engine = AsyncEngine(core, Metrics(name), args.max_queued_requests, worker)
         state = ServerState(engine, tokenizer, policy, name, core.max_model_len, runner.config.vocab_size)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
               file=sys.stderr)
