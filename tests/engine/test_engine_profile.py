@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import torch
 
 from niyama.engine.commands import register
-from niyama.engine.profiler import TINY_EVERY, fit, predictor_splits, profile
+from niyama.engine.profiler import TINY_EVERY, fit, hardware_name, predictor_splits, profile
 from niyama.predictor import BatchTimePredictor
 from tests.engine.helpers import save_tiny
 
@@ -26,6 +29,17 @@ def test_profile_command_fits_and_saves(tmp_path, capsys):
     meta = json.loads(out.read_text())["meta"]
     assert meta["dtype"] == "float32" and meta["kv_cache_tokens"] > 0 and meta["num_profile_batches"] == 12
     assert predictor.predict(32, 4, 400, 32) > 0
+    assert meta["hardware"] == hardware_name(torch.device("cpu"))
+
+
+def test_hardware_name_tells_cpu_kinds_apart():
+    """A profile is cached by this name: the vector ISA and bf16 support are in it, as the same CPU model
+    name has come with very different matmul speeds."""
+    name = hardware_name(torch.device("cpu"))
+    assert f"({torch.backends.cpu.get_cpu_capability()}" in name
+    assert name.endswith(f"; {torch.get_num_threads()} threads)")
+    flags = Path("/proc/cpuinfo").read_text()
+    assert ("AVX512-BF16" in name) == (" avx512_bf16" in flags)
 
 
 def test_profile_times_a_small_batch_path_and_bins_it(runner32):

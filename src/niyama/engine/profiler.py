@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -158,13 +159,22 @@ def fit(result: ProfileResult, meta: dict[str, Any], holdout: float = 0.25,
     return predictor, mape
 
 
+CPU_FEATURES = (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))  # /proc/cpuinfo flag, name
+
+
 def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with its vector ISA and bf16 support and the thread count.
+    The same VM model name has come with AVX2 only on one day and AVX512-BF16 on another, with 3-4x
+    different batch times: a cached profile must not carry over between them."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        cpuinfo = ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    name = model.group(1).strip() if model else platform.processor() or platform.machine()
+    present = set(flags.group(1).split()) if flags else set()
+    features = [torch.backends.cpu.get_cpu_capability(), *(label for flag, label in CPU_FEATURES if flag in present)]
+    return f"{name} ({', '.join(features)}; {torch.get_num_threads()} threads)"
