@@ -135,8 +135,11 @@ def test_serve_on_a_port_in_use_fails_before_loading_the_model():
 def _interrupt_once(args: list[str], shown: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``niyama ARGS``; once its stderr shows ``shown``, Ctrl-C it as a terminal does (SIGINT to the
     whole process group) and expect a prompt exit with status 130."""
+    # A shell that starts the suite in the background (`make test &`) leaves SIGINT ignored for its children,
+    # and Python then keeps ignoring it: give the command the default a terminal's foreground job has.
     p = subprocess.Popen([sys.executable, "-m", "niyama.cli", *args], stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=env)
+                         start_new_session=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while shown not in seen:
         seen += p.stderr.read(1) or pytest.fail(f"the command ended early: {seen}")
