@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +118,29 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 
+BF16_CPU_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}  # /proc/cpuinfo flag -> name
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (``model name``, ``flags``, ...); empty where it is missing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are fast here: CUDA, or a CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not BF16_CPU_FLAGS.keys().isdisjoint(cpu_info().get("flags", "").split())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from niyama.engine.config import BF16_CPU_FLAGS, cpu_info
 from niyama.engine.model_runner import ModelRunner
 from niyama.memory import KVBlockManager
 from niyama.predictor import DEFAULT_SPLIT, BatchShape, BatchTimePredictor
@@ -159,22 +159,15 @@ def fit(result: ProfileResult, meta: dict[str, Any], holdout: float = 0.25,
     return predictor, mape
 
 
-CPU_FEATURES = (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))  # /proc/cpuinfo flag, name
-
-
 def hardware_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name with its vector ISA and bf16 support and the thread count.
     The same VM model name has come with AVX2 only on one day and AVX512-BF16 on another, with 3-4x
     different batch times: a cached profile must not carry over between them."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
-    name = model.group(1).strip() if model else platform.processor() or platform.machine()
-    present = set(flags.group(1).split()) if flags else set()
-    features = [torch.backends.cpu.get_cpu_capability(), *(label for flag, label in CPU_FEATURES if flag in present)]
+    info = cpu_info()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    bf16 = [label for flag, label in BF16_CPU_FLAGS.items() if flag in flags]
+    features = [torch.backends.cpu.get_cpu_capability(), *bf16]
     return f"{name} ({', '.join(features)}; {torch.get_num_threads()} threads)"
