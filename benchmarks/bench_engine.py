@@ -28,12 +28,15 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                    help="every step in torch (default: native kernels where they apply)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=1 << 30,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_num_seqs=max(args.num_requests, 1), num_threads=args.threads)
+                          max_num_seqs=max(args.num_requests, 1), num_threads=args.threads,
+                          native_kernels=args.native_kernels)
     engine = LLMEngine(config)
     vocab = engine.runner.config.vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -55,6 +58,7 @@ def main() -> None:
         "model": str(args.model or "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"),
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "native_kernels": engine.runner.model.kernels is not None,
         "cpu": platform.processor() or platform.machine(),
         **throughput(args.num_requests, args.prompt_len, args.output_len, elapsed, generated, total, decode_rate,
                      single.first_token_time - single.arrival),

@@ -39,9 +39,11 @@ def save_tiny(tmp_path, kind: str, **overrides):
     return model
 
 
-def make_runner(weights, dtype: torch.dtype = torch.float32, memory: int = 256 << 20) -> ModelRunner:
+def make_runner(weights, dtype: torch.dtype = torch.float32, memory: int = 256 << 20,
+                native_kernels: bool = True) -> ModelRunner:
     config, state = weights
-    return ModelRunner(config, state, dtype=dtype, num_blocks=num_kv_blocks(config, dtype, memory))
+    return ModelRunner(config, state, dtype=dtype, num_blocks=num_kv_blocks(config, dtype, memory),
+                       native_kernels=native_kernels)
 
 
 def make_request(request_id: str, prompt: list[int], max_tokens: int) -> Request:

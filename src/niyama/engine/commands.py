@@ -27,12 +27,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                   help="run every step in torch (default: bf16 on the CPU runs attention over the KV cache and the "
+                   "element-wise steps in kernels compiled for this machine at first use)")
 
 
 def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         kv_cache_memory=int(args.kv_cache_memory * (1 << 30)), block_size=args.block_size,
-                        num_threads=args.threads, **extra)
+                        num_threads=args.threads, native_kernels=args.native_kernels, **extra)
 
 
 def register(subparsers) -> None:

@@ -166,6 +166,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per iteration, decodes included (offline loop)
     max_num_seqs: int = 64  # running requests at once (offline loop)
     num_threads: int | None = None  # torch CPU threads; None = leave torch's default
+    native_kernels: bool = True  # decode attention in the native kernel where it applies (bf16, CPU)
 
     def torch_device(self) -> torch.device:
         """``device`` checked: a known device type, and CUDA only where torch can use it."""

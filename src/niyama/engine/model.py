@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
 from niyama.engine.config import ModelConfig, native_bf16
 from niyama.engine.kv_cache import KVCache
+from niyama.engine.native import NativeKernels, load_native_kernels
 
 
 def rope_inv_freq(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,6 +53,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class TorchOps:
+    """A layer's element-wise steps in torch, for any dtype and device (``NativeKernels`` has the same
+    methods, fused, for bf16 on the CPU)."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``h += delta`` (the float32 residual stream, in place), then its norm."""
+        h += delta
+        return rms_norm(h, weight, eps)
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotary embedding on the query and key heads of ``qkv`` rows, keys and values stored in the cache;
+        returns q, k, v ``[T, heads, head_dim]``. cos/sin: tables ``[positions, head_dim]``."""
+        num_tokens, head_dim = qkv.shape[0], cos.shape[1]
+        rotated = apply_rope(qkv[:, :(num_heads + num_kv_heads) * head_dim].view(num_tokens, -1, head_dim),
+                             cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+        q, k = rotated.split((num_heads, num_kv_heads), dim=1)
+        v = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+        write_kv(k_cache, v_cache, k, v, meta)
+        return q, k, v
 
 
 RESCORED = 32  # candidates per row whose logits a bf16 batch recomputes in float32 (see ``logits``)
@@ -119,9 +154,18 @@ class Layer:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", native_kernels: bool = True):
+        """``native_kernels``: the element-wise steps and decode attention in native kernels where they apply
+        (bf16 on the CPU, ``niyama.engine.native``)."""
         self.config = config
         self.dtype = dtype
+        # Element-wise steps and decode attention in native kernels (fused; attention reads the KV blocks in
+        # place), else in torch (attention: gather + SDPA).
+        self.kernels: NativeKernels | None = None
+        if (native_kernels and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+                and NativeKernels.supports(config.num_heads, config.num_kv_heads, config.head_dim)):
+            self.kernels = load_native_kernels()
+        self.ops: NativeKernels | TorchOps = self.kernels or TorchOps()
 
         def tensor(name: str) -> torch.Tensor:
             if name not in state:
@@ -180,24 +224,21 @@ class LlamaModel:
 
         The residual stream stays in float32 whatever the dtype; matmuls run in the model dtype.
         """
-        cfg = self.config
-        num_tokens = input_ids.shape[0]
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cfg, ops = self.config, self.ops
+        eps = cfg.rms_norm_eps
         h = F.embedding(input_ids, self.embed).float()
+        x = ops.rms_norm(h, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(x)
-            qk = apply_rope(qkv[:, :q_size + kv_size].view(num_tokens, -1, cfg.head_dim), cos, sin)
-            q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
-            v = qkv[:, q_size + kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache.layer(i)
-            write_kv(k_cache, v_cache, k, v, meta)
-            h = h + layer.o(paged_attention(q, k, v, k_cache, v_cache, meta))
-            x = rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            q, k, v = ops.rope_store_kv(layer.qkv(x), cfg.num_heads, cfg.num_kv_heads, self.cos, self.sin, positions,
+                                        meta, k_cache, v_cache)
+            x = ops.add_rms_norm(h, layer.o(paged_attention(q, k, v, k_cache, v_cache, meta, self.kernels)),
+                                 layer.mlp_norm, eps)
+            down = layer.down(ops.silu_mul(layer.gate_up(x)))
+            if i + 1 < len(self.layers):
+                x = ops.add_rms_norm(h, down, self.layers[i + 1].attn_norm, eps)
+            else:
+                h += down
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from niyama.engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from niyama.engine.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PrefillChunk
 from niyama.engine.config import EngineConfig, ModelConfig, resolve_dtype
 from niyama.engine.kv_cache import KVCache, num_kv_blocks
 from niyama.engine.model import LlamaModel
@@ -54,12 +54,13 @@ class PreparedBatch:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", num_blocks: int, block_size: int = 16):
+                 device: torch.device | str = "cpu", num_blocks: int, block_size: int = 16,
+                 native_kernels: bool = True):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = block_size
-        self.model = LlamaModel(config, state, dtype, self.device)
+        self.model = LlamaModel(config, state, dtype, self.device, native_kernels)
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
         self.sampler = Sampler()
         self.last_logprobs: dict[str, float] = {}  # filled by execute for requests that asked for them
@@ -72,7 +73,8 @@ class ModelRunner:
         dtype = resolve_dtype(engine.dtype, device)
         config, state = load_weights(engine.model)
         blocks = num_kv_blocks(config, dtype, engine.kv_cache_memory, engine.block_size)
-        return cls(config, state, dtype=dtype, device=device, num_blocks=blocks, block_size=engine.block_size)
+        return cls(config, state, dtype=dtype, device=device, num_blocks=blocks, block_size=engine.block_size,
+                   native_kernels=engine.native_kernels)
 
     @property
     def num_blocks(self) -> int:
@@ -142,12 +144,20 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, device=self.device),
             slot_offsets=pos % bs,
-            decodes=[self._decode_group(start, decode_tables[start:stop], decode_lengths[start:stop])
-                     for start, stop in decode_groups(decode_lengths)],
+            decodes=self._decodes(decode_tables, decode_lengths),
             prefills=prefills,
         )
         return PreparedBatch(torch.tensor(input_ids, device=self.device), pos, meta,
                              torch.tensor(sample_rows, device=self.device), samplers)
+
+    def _decodes(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeGroup] | DecodeBatch:
+        """Attention metadata of the single-token chunks: one batch for the native kernel, else groups."""
+        if self.model.kernels is None:
+            return [self._decode_group(start, tables[start:stop], lengths[start:stop])
+                    for start, stop in decode_groups(lengths)]
+        width = max((len(t) for t in tables), default=0)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(len(tables), width)
+        return DecodeBatch(padded, torch.tensor(lengths, dtype=torch.int32))
 
     def _decode_group(self, row: int, tables: list[list[int]], lengths: list[int]) -> DecodeGroup:
         """Padded block tables and length mask of single-token chunks attending together."""

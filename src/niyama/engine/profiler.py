@@ -127,6 +127,7 @@ def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
         "model": model_name,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "native_kernels": runner.model.kernels is not None,
         "block_size": runner.block_size,
         "kv_cache_tokens": runner.kv_cache.capacity_tokens,
     }

@@ -2,12 +2,12 @@
 
 Calibration profiles the real engine on a few random mixed batches (``niyama.engine.profiler``) and
 fits the predictor; the result is cached under ``$NIYAMA_CACHE_DIR`` (default ``~/.cache/niyama``) keyed
-by model, hardware, dtype, thread count and batch-size limit, so it runs once per machine and model.
+by model, hardware, dtype, kernels (native or torch), thread count and batch-size limit, so it runs once per
+machine and model.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -15,17 +15,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from niyama.cache import cache_dir
 from niyama.engine.model_runner import ModelRunner
 from niyama.engine.profiler import fit, hardware_name, profile, runner_meta
 from niyama.predictor import BatchTimePredictor
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("NIYAMA_CACHE_DIR") or Path.home() / ".cache" / "niyama")
-
-
 def cache_path(runner: ModelRunner, model_name: str, max_tokens: int) -> Path:
-    key = f"{model_name}-{hardware_name(runner.device)}-{runner.dtype}-t{torch.get_num_threads()}-b{max_tokens}"
+    kernels = "native" if runner.model.kernels is not None else "torch"
+    key = (f"{model_name}-{hardware_name(runner.device)}-{runner.dtype}-{kernels}-t{torch.get_num_threads()}"
+           f"-b{max_tokens}")
     return cache_dir() / "profiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-") + ".json")
 
 

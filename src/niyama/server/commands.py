@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
                    "float16 on a GPU without bfloat16)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                   help="run every engine step in torch (default: bf16 on the CPU runs attention over the KV cache "
+                   "and the element-wise steps in kernels compiled for this machine at first use)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
@@ -80,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
-                          num_threads=args.threads)
+                          num_threads=args.threads, native_kernels=args.native_kernels)
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
     worker = engine_thread()
     print(f"niyama: loading {path}", file=sys.stderr)

@@ -1,0 +1,237 @@
+/* Native CPU kernels for the engine (bf16), compiled for the machine they run on by niyama.engine.native.
+ *
+ * Decode attention over the paged KV cache, read in place: one query token per sequence attends to its
+ * whole context through its block table. The torch path gathers every sequence's blocks into a padded
+ * copy and runs SDPA over it; at decode sizes (tens of sequences, hundreds of tokens) that copy and
+ * SDPA's per-call overhead cost 2-4x what reading the blocks once does.
+ *
+ * Layouts (row-major): q rows [num_seqs][kv_heads * group][head_dim] with a row stride; k/v caches
+ * [num_blocks][block_size][kv_heads][head_dim]; block tables [num_seqs][table_width]; out rows like q.
+ * Arithmetic in float32: q . k scaled, softmax, p . v, rounded once to bf16 at the end.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define MAX_HEAD_DIM 256
+#define MAX_QUERY_ROWS 64  /* query heads */
+
+static inline float bf16_to_float(uint16_t x) {
+    union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float x) {  /* round to nearest even, as torch does (finite x) */
+    union { float f; uint32_t u; } v = { x };
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* dst[d] = src[d] as float, for one head_dim row. */
+static inline void load_row(float *dst, const uint16_t *src, int dim) {
+#ifdef __AVX512F__
+    if (dim % 16 == 0) {
+        for (int d = 0; d < dim; d += 16) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(src + d));
+            _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+        }
+        return;
+    }
+#endif
+    for (int d = 0; d < dim; d++) dst[d] = bf16_to_float(src[d]);
+}
+
+static inline float dot(const float *a, const float *b, int dim) {
+#ifdef __AVX512F__
+    if (dim % 16 == 0) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+        for (int d = 16; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    #pragma omp simd reduction(+:s)
+    for (int d = 0; d < dim; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* acc[d] += p * x[d] */
+static inline void axpy(float *acc, float p, const float *x, int dim) {
+    #pragma omp simd
+    for (int d = 0; d < dim; d++) acc[d] += p * x[d];
+}
+
+/* The next block of a table, toward the cache: each block is one contiguous run of `bytes`. */
+static inline void prefetch_block(const uint16_t *block, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)block + offset);
+}
+
+/* One sequence: its kv_heads * group query rows attend to its `len` cached tokens. Each token's keys (then
+ * values) of all heads are one contiguous row, read once. `scores` holds kv_heads * group * len floats. */
+static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+                   int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
+                   uint16_t *out, float *scores) {
+    const int32_t rows = kv_heads * group;
+    const int64_t token_stride = (int64_t)kv_heads * dim, block_stride = block_size * token_stride;
+    float qf[MAX_QUERY_ROWS * MAX_HEAD_DIM], acc[MAX_QUERY_ROWS * MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    float maxs[MAX_QUERY_ROWS], inv_sum[MAX_QUERY_ROWS];
+    for (int32_t r = 0; r < rows; r++) {
+        load_row(qf + r * dim, q + (int64_t)r * dim, dim);
+        for (int32_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
+        maxs[r] = -FLT_MAX;
+    }
+    for (int32_t start = 0; start < len; start += block_size) {
+        const uint16_t *block = k_cache + table[start / block_size] * block_stride;
+        if (start + block_size < len) prefetch_block(k_cache + table[start / block_size + 1] * block_stride,
+                                                     block_stride * 2);
+        const int32_t n = len - start < block_size ? len - start : block_size;
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t h = 0; h < kv_heads; h++) {
+                load_row(row, block + i * token_stride + h * dim, dim);
+                for (int32_t r = h * group; r < (h + 1) * group; r++) {
+                    const float s = dot(qf + r * dim, row, dim);
+                    scores[(int64_t)r * len + start + i] = s;
+                    if (s > maxs[r]) maxs[r] = s;
+                }
+            }
+    }
+    for (int32_t r = 0; r < rows; r++) {
+        float *s = scores + (int64_t)r * len, m = maxs[r], sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int32_t t = 0; t < len; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        inv_sum[r] = 1.0f / sum;
+        for (int32_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
+    }
+    for (int32_t start = 0; start < len; start += block_size) {
+        const uint16_t *block = v_cache + table[start / block_size] * block_stride;
+        if (start + block_size < len) prefetch_block(v_cache + table[start / block_size + 1] * block_stride,
+                                                     block_stride * 2);
+        const int32_t n = len - start < block_size ? len - start : block_size;
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t h = 0; h < kv_heads; h++) {
+                load_row(row, block + i * token_stride + h * dim, dim);
+                for (int32_t r = h * group; r < (h + 1) * group; r++)
+                    axpy(acc + r * dim, scores[(int64_t)r * len + start + i], row, dim);
+            }
+    }
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] * inv_sum[r]);
+}
+
+/* Returns 0, or -1 for shapes the kernel does not take (head_dim > MAX_HEAD_DIM, more query heads than
+ * MAX_QUERY_ROWS) or a failed allocation. Sequences are spread over `threads` OpenMP threads (the runtime torch already uses). */
+int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int32_t *tables, int32_t table_width, const int32_t *lens, int32_t num_seqs,
+                            int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
+                            uint16_t *out, int64_t out_stride, int32_t threads) {
+    if (dim > MAX_HEAD_DIM || kv_heads * group > MAX_QUERY_ROWS) return -1;
+    int32_t longest = 1;
+    for (int32_t b = 0; b < num_seqs; b++) longest = lens[b] > longest ? lens[b] : longest;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *scores = malloc(sizeof(float) * kv_heads * group * longest);
+        failed = scores == NULL;
+        /* Round-robin: the runner passes sequences longest first. */
+        #pragma omp for schedule(static, 1)
+        for (int32_t b = 0; b < num_seqs; b++)
+            if (scores != NULL)
+                attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
+                       dim, block_size, scale, out + b * out_stride, scores);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---- Element-wise layer ops, fused. Each rounds to bf16 where torch's bf16 ops round, so that the native
+ * and torch paths compute the same numbers (up to the order of float sums). Rows go to OpenMP threads
+ * when there are enough of them to pay for waking the threads. */
+
+#define PARALLEL_MIN_ELEMENTS 32768
+
+static inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+static void norm_row(const float *x, int64_t cols, const uint16_t *weight, float eps, uint16_t *out) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t c = 0; c < cols; c++) sum += x[c] * x[c];
+    const float rstd = 1.0f / sqrtf(sum / (float)cols + eps);
+    #pragma omp simd
+    for (int64_t c = 0; c < cols; c++) out[c] = float_to_bf16(round_bf16(x[c] * rstd) * bf16_to_float(weight[c]));
+}
+
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), x float32 [rows][cols], out bf16. */
+void niyama_rms_norm(const float *x, int64_t rows, int64_t cols, const uint16_t *weight, float eps, uint16_t *out,
+                     int32_t threads) {
+    #pragma omp parallel for num_threads(threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * cols, cols, weight, eps, out + r * cols);
+}
+
+/* h += delta (bf16, in place on the float32 residual stream h), then out = rms_norm(h) as above. */
+void niyama_add_rms_norm(float *h, const uint16_t *delta, int64_t rows, int64_t cols, const uint16_t *weight,
+                         float eps, uint16_t *out, int32_t threads) {
+    #pragma omp parallel for num_threads(threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = h + r * cols;
+        const uint16_t *d = delta + r * cols;
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; c++) x[c] += bf16_to_float(d[c]);
+        norm_row(x, cols, weight, eps, out + r * cols);
+    }
+}
+
+/* out = bf16(silu(gate)) * up, from gate_up [rows][2 * cols] (gate first) to out [rows][cols]. */
+void niyama_silu_mul(const uint16_t *gate_up, int64_t rows, int64_t cols, uint16_t *out, int32_t threads) {
+    #pragma omp parallel for num_threads(threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = gate_up + r * 2 * cols, *up = gate + cols;
+        uint16_t *o = out + r * cols;
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; c++) {
+            const float g = bf16_to_float(gate[c]);
+            o[c] = float_to_bf16(round_bf16(g / (1.0f + expf(-g))) * bf16_to_float(up[c]));
+        }
+    }
+}
+
+/* Rotary embedding in place on the query and key heads of qkv rows [rows][(q_heads + 2 * kv_heads) * dim]
+ * (rotate-half, as transformers: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16),
+ * then each row's keys and values stored at its cache slot (block, offset) of k/v caches
+ * [blocks][block_size][kv_heads][dim]. cos/sin: bf16 tables [positions][dim]. */
+void niyama_rope_store_kv(uint16_t *qkv, int64_t rows, int32_t q_heads, int32_t kv_heads, int32_t dim,
+                          const uint16_t *cos, const uint16_t *sin, const int64_t *positions,
+                          const int64_t *slot_blocks, const int64_t *slot_offsets, uint16_t *k_cache,
+                          uint16_t *v_cache, int32_t block_size, int32_t threads) {
+    const int32_t half = dim / 2, rotated = q_heads + kv_heads;
+    const int64_t width = (int64_t)(q_heads + 2 * kv_heads) * dim, kv_width = (int64_t)kv_heads * dim;
+    #pragma omp parallel for num_threads(threads) if(rows * width >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *row = qkv + r * width;
+        const uint16_t *c = cos + positions[r] * dim, *s = sin + positions[r] * dim;
+        for (int32_t head = 0; head < rotated; head++) {
+            uint16_t *x = row + (int64_t)head * dim;
+            #pragma omp simd
+            for (int32_t d = 0; d < half; d++) {
+                const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[d + half]);
+                const float lo = round_bf16(x1 * bf16_to_float(c[d])) + round_bf16(-x2 * bf16_to_float(s[d]));
+                const float hi = round_bf16(x2 * bf16_to_float(c[d + half])) + round_bf16(x1 * bf16_to_float(s[d + half]));
+                x[d] = float_to_bf16(lo);
+                x[d + half] = float_to_bf16(hi);
+            }
+        }
+        const int64_t slot = (slot_blocks[r] * block_size + slot_offsets[r]) * kv_width;
+        const uint16_t *k = row + (int64_t)q_heads * dim, *v = k + kv_width;
+        for (int64_t i = 0; i < kv_width; i++) {
+            k_cache[slot + i] = k[i];
+            v_cache[slot + i] = v[i];
+        }
+    }
+}
