@@ -12,7 +12,6 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -20,6 +19,7 @@
 
 #define MAX_HEAD_DIM 256
 #define MAX_QUERY_ROWS 64  /* query heads */
+#define SPAN 16  /* tokens scored at a time */
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
@@ -66,89 +66,82 @@ static inline void axpy(float *acc, float p, const float *x, int dim) {
     for (int d = 0; d < dim; d++) acc[d] += p * x[d];
 }
 
-/* The next block of a table, toward the cache: each block is one contiguous run of `bytes`. */
-static inline void prefetch_block(const uint16_t *block, int64_t bytes) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)block + offset);
+static inline void prefetch(const uint16_t *p, int64_t elements) {
+    for (int64_t offset = 0; offset < elements * 2; offset += 64) __builtin_prefetch((const char *)p + offset);
 }
 
-/* One sequence: its kv_heads * group query rows attend to its `len` cached tokens. Each token's keys (then
- * values) of all heads are one contiguous row, read once. `scores` holds kv_heads * group * len floats. */
+/* One sequence: its kv_heads * group query rows attend to its `len` cached tokens, in one pass with an
+ * online softmax (a running maximum rescales what was summed before). Each token's keys, then values, of
+ * all heads are one contiguous row, read once; the next block is prefetched while this one is used. */
 static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
                    int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
-                   uint16_t *out, float *scores) {
+                   uint16_t *out) {
     const int32_t rows = kv_heads * group;
     const int64_t token_stride = (int64_t)kv_heads * dim, block_stride = block_size * token_stride;
     float qf[MAX_QUERY_ROWS * MAX_HEAD_DIM], acc[MAX_QUERY_ROWS * MAX_HEAD_DIM], row[MAX_HEAD_DIM];
-    float maxs[MAX_QUERY_ROWS], inv_sum[MAX_QUERY_ROWS];
+    float maxs[MAX_QUERY_ROWS], sums[MAX_QUERY_ROWS], p[MAX_QUERY_ROWS][SPAN];
     for (int32_t r = 0; r < rows; r++) {
         load_row(qf + r * dim, q + (int64_t)r * dim, dim);
-        for (int32_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
-        maxs[r] = -FLT_MAX;
-    }
-    for (int32_t start = 0; start < len; start += block_size) {
-        const uint16_t *block = k_cache + table[start / block_size] * block_stride;
-        if (start + block_size < len) prefetch_block(k_cache + table[start / block_size + 1] * block_stride,
-                                                     block_stride * 2);
-        const int32_t n = len - start < block_size ? len - start : block_size;
-        for (int32_t i = 0; i < n; i++)
-            for (int32_t h = 0; h < kv_heads; h++) {
-                load_row(row, block + i * token_stride + h * dim, dim);
-                for (int32_t r = h * group; r < (h + 1) * group; r++) {
-                    const float s = dot(qf + r * dim, row, dim);
-                    scores[(int64_t)r * len + start + i] = s;
-                    if (s > maxs[r]) maxs[r] = s;
-                }
-            }
-    }
-    for (int32_t r = 0; r < rows; r++) {
-        float *s = scores + (int64_t)r * len, m = maxs[r], sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (int32_t t = 0; t < len; t++) {
-            s[t] = expf(s[t] - m);
-            sum += s[t];
+        for (int32_t d = 0; d < dim; d++) {
+            qf[r * dim + d] *= scale;
+            acc[r * dim + d] = 0.0f;
         }
-        inv_sum[r] = 1.0f / sum;
-        for (int32_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
+        maxs[r] = -FLT_MAX;
+        sums[r] = 0.0f;
     }
-    for (int32_t start = 0; start < len; start += block_size) {
-        const uint16_t *block = v_cache + table[start / block_size] * block_stride;
-        if (start + block_size < len) prefetch_block(v_cache + table[start / block_size + 1] * block_stride,
-                                                     block_stride * 2);
-        const int32_t n = len - start < block_size ? len - start : block_size;
-        for (int32_t i = 0; i < n; i++)
+    for (int32_t start = 0; start < len; start += SPAN) {  /* SPAN tokens at a time, within one block */
+        const int32_t in_block = start % block_size, n = len - start < SPAN ? len - start : SPAN;
+        const int64_t block = table[start / block_size] * block_stride;
+        const int32_t span = n < block_size - in_block ? n : block_size - in_block;
+        if (in_block == 0 && start + block_size < len) {
+            const int64_t next = table[start / block_size + 1] * block_stride;
+            prefetch(k_cache + next, block_stride);
+            prefetch(v_cache + next, block_stride);
+        }
+        const uint16_t *keys = k_cache + block + in_block * token_stride;
+        const uint16_t *values = v_cache + block + in_block * token_stride;
+        for (int32_t i = 0; i < span; i++)
             for (int32_t h = 0; h < kv_heads; h++) {
-                load_row(row, block + i * token_stride + h * dim, dim);
-                for (int32_t r = h * group; r < (h + 1) * group; r++)
-                    axpy(acc + r * dim, scores[(int64_t)r * len + start + i], row, dim);
+                load_row(row, keys + i * token_stride + h * dim, dim);
+                for (int32_t r = h * group; r < (h + 1) * group; r++) p[r][i] = dot(qf + r * dim, row, dim);
             }
+        for (int32_t r = 0; r < rows; r++) {
+            float m = maxs[r], sum = 0.0f;
+            for (int32_t i = 0; i < span; i++) m = p[r][i] > m ? p[r][i] : m;
+            const float rescale = expf(maxs[r] - m);
+            #pragma omp simd reduction(+:sum)
+            for (int32_t i = 0; i < span; i++) {
+                p[r][i] = expf(p[r][i] - m);
+                sum += p[r][i];
+            }
+            maxs[r] = m;
+            sums[r] = sums[r] * rescale + sum;
+            for (int32_t d = 0; d < dim; d++) acc[r * dim + d] *= rescale;
+        }
+        for (int32_t i = 0; i < span; i++)
+            for (int32_t h = 0; h < kv_heads; h++) {
+                load_row(row, values + i * token_stride + h * dim, dim);
+                for (int32_t r = h * group; r < (h + 1) * group; r++) axpy(acc + r * dim, p[r][i], row, dim);
+            }
+        start += span - SPAN;  /* a span cut short by the block's end resumes at the next block */
     }
     for (int32_t r = 0; r < rows; r++)
-        for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] * inv_sum[r]);
+        for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] / sums[r]);
 }
 
 /* Returns 0, or -1 for shapes the kernel does not take (head_dim > MAX_HEAD_DIM, more query heads than
- * MAX_QUERY_ROWS) or a failed allocation. Sequences are spread over `threads` OpenMP threads (the runtime torch already uses). */
+ * MAX_QUERY_ROWS). Sequences are spread over `threads` OpenMP threads (the runtime torch already uses). */
 int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int32_t *tables, int32_t table_width, const int32_t *lens, int32_t num_seqs,
                             int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
                             uint16_t *out, int64_t out_stride, int32_t threads) {
     if (dim > MAX_HEAD_DIM || kv_heads * group > MAX_QUERY_ROWS) return -1;
-    int32_t longest = 1;
-    for (int32_t b = 0; b < num_seqs; b++) longest = lens[b] > longest ? lens[b] : longest;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) reduction(|:failed)
-    {
-        float *scores = malloc(sizeof(float) * kv_heads * group * longest);
-        failed = scores == NULL;
-        /* Round-robin: the runner passes sequences longest first. */
-        #pragma omp for schedule(static, 1)
-        for (int32_t b = 0; b < num_seqs; b++)
-            if (scores != NULL)
-                attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
-                       dim, block_size, scale, out + b * out_stride, scores);
-        free(scores);
-    }
-    return failed ? -1 : 0;
+    /* Round-robin: the runner passes sequences longest first. */
+    #pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int32_t b = 0; b < num_seqs; b++)
+        attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group, dim,
+               block_size, scale, out + b * out_stride);
+    return 0;
 }
 
 /* ---- Element-wise layer ops, fused. Each rounds to bf16 where torch's bf16 ops round, so that the native

@@ -79,7 +79,7 @@ class NativeKernels:
                               tables.shape[1], lens.data_ptr(), num_seqs, kv_heads, num_heads // kv_heads, head_dim,
                               block_size, head_dim ** -0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())
         if status != 0:
-            raise RuntimeError("decode_attention failed (out of memory or unsupported shape)")
+            raise RuntimeError("decode_attention: unsupported shape")
 
 
     # The layer's element-wise steps, as ``niyama.engine.model.TorchOps`` computes them (bf16 only).
