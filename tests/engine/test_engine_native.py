@@ -112,6 +112,24 @@ def teacher_forced_predictions(runner, prompts: list[list[int]], continuations: 
     return predictions
 
 
+def test_rescored_logits_widen_the_row_and_recompute_its_top_k():
+    torch.manual_seed(3)
+    rows, vocab, dim, k = 5, 200, 48, 32
+    low = torch.stack([torch.randperm(vocab) for _ in range(rows)]).bfloat16()  # distinct values, exact in bf16
+    head, x = torch.randn(vocab, dim), torch.randn(rows, dim)
+    top = low.float().topk(k, dim=-1).indices
+    expected = low.float().scatter(1, top, torch.einsum("nkd,nd->nk", head[top], x))
+    torch.testing.assert_close(kernels.rescored_logits(low, x, head, k), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_is_the_first_maximum_like_torch():
+    torch.manual_seed(4)
+    x = torch.randint(0, 5, (9, 1000)).float()  # many ties
+    x[3] = 7.0  # a row that is all one value
+    assert torch.equal(kernels.argmax(x), x.max(dim=-1).indices)
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+
+
 @pytest.mark.parametrize("native_kernels", [True, False])
 def test_bf16_decode_steps_agree_with_fp32(weights, engine32, prompt_ids, native_kernels):
     """Both bf16 paths (native kernels, torch) predict the fp32 greedy token at >= 99% of decode positions."""

@@ -1,13 +1,14 @@
 /* Native CPU kernels for the engine (bf16), compiled for the machine they run on by niyama.engine.native.
  *
- * Decode attention over the paged KV cache, read in place: one query token per sequence attends to its
- * whole context through its block table. The torch path gathers every sequence's blocks into a padded
- * copy and runs SDPA over it; at decode sizes (tens of sequences, hundreds of tokens) that copy and
- * SDPA's per-call overhead cost 2-4x what reading the blocks once does.
+ * - Decode attention over the paged KV cache, read in place: one query token per sequence attends to its
+ *   whole context through its block table. The torch path gathers every sequence's blocks into a padded
+ *   copy and runs SDPA over it; at decode sizes (tens of sequences, hundreds of tokens) that copy and SDPA's
+ *   per-call overhead cost 2-4x what reading the blocks once does.
+ * - A layer's element-wise steps, fused: add + RMSNorm, rotary embedding + KV-cache write, SiLU x up.
+ * - Logits: the bf16 head's output widened with each row's top k recomputed in float32, and argmax.
  *
- * Layouts (row-major): q rows [num_seqs][kv_heads * group][head_dim] with a row stride; k/v caches
- * [num_blocks][block_size][kv_heads][head_dim]; block tables [num_seqs][table_width]; out rows like q.
- * Arithmetic in float32: q . k scaled, softmax, p . v, rounded once to bf16 at the end.
+ * Layouts are row-major; bf16 values travel as uint16_t. Arithmetic is float32, rounded to bf16 where the
+ * torch path rounds.
  */
 #include <float.h>
 #include <math.h>
@@ -129,8 +130,10 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
         for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] / sums[r]);
 }
 
-/* Returns 0, or -1 for shapes the kernel does not take (head_dim > MAX_HEAD_DIM, more query heads than
- * MAX_QUERY_ROWS). Sequences are spread over `threads` OpenMP threads (the runtime torch already uses). */
+/* q rows [num_seqs][kv_heads * group][dim] with a row stride; caches [num_blocks][block_size][kv_heads][dim];
+ * block tables [num_seqs][table_width]; out rows like q. Returns 0, or -1 for shapes the kernel does not
+ * take (head_dim > MAX_HEAD_DIM, more query heads than MAX_QUERY_ROWS). Sequences are spread over
+ * `threads` OpenMP threads (the runtime torch already uses). */
 int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int32_t *tables, int32_t table_width, const int32_t *lens, int32_t num_seqs,
                             int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
@@ -214,8 +217,10 @@ void niyama_rope_store_kv(uint16_t *qkv, int64_t rows, int32_t q_heads, int32_t 
             #pragma omp simd
             for (int32_t d = 0; d < half; d++) {
                 const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[d + half]);
-                const float lo = round_bf16(x1 * bf16_to_float(c[d])) + round_bf16(-x2 * bf16_to_float(s[d]));
-                const float hi = round_bf16(x2 * bf16_to_float(c[d + half])) + round_bf16(x1 * bf16_to_float(s[d + half]));
+                const float c1 = bf16_to_float(c[d]), c2 = bf16_to_float(c[d + half]);
+                const float s1 = bf16_to_float(s[d]), s2 = bf16_to_float(s[d + half]);
+                const float lo = round_bf16(x1 * c1) + round_bf16(-x2 * s1);
+                const float hi = round_bf16(x2 * c2) + round_bf16(x1 * s2);
                 x[d] = float_to_bf16(lo);
                 x[d + half] = float_to_bf16(hi);
             }
@@ -226,5 +231,68 @@ void niyama_rope_store_kv(uint16_t *qkv, int64_t rows, int32_t q_heads, int32_t 
             k_cache[slot + i] = k[i];
             v_cache[slot + i] = v[i];
         }
+    }
+}
+
+/* ---- Logits. */
+
+#define MAX_RESCORED 256
+
+/* Float32 logits [rows][vocab] from the bf16 ones of the bf16 head: each row widened, and its k highest
+ * entries (by bf16 value) recomputed exactly as head[i] . x (float32 head [vocab][dim], x [rows][dim]). */
+void niyama_rescored_logits(const uint16_t *low, int64_t rows, int64_t vocab, const float *x, const float *head,
+                            int64_t dim, int32_t k, float *out, int32_t threads) {
+    if (k > vocab) k = (int32_t)vocab;
+    if (k > MAX_RESCORED) k = MAX_RESCORED;
+    #pragma omp parallel for num_threads(threads) if(rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *src = low + r * vocab;
+        float *dst = out + r * vocab, top[MAX_RESCORED];
+        int64_t at[MAX_RESCORED];
+        int32_t filled = 0, lowest = 0;  /* top[lowest] is the smallest kept value once k are kept */
+        for (int64_t start = 0; start < vocab; start += 16) {
+            const int64_t n = vocab - start < 16 ? vocab - start : 16;
+            float chunk_max = -FLT_MAX;
+            for (int64_t j = 0; j < n; j++) {
+                dst[start + j] = bf16_to_float(src[start + j]);
+                chunk_max = dst[start + j] > chunk_max ? dst[start + j] : chunk_max;
+            }
+            if (filled == k && chunk_max <= top[lowest]) continue;
+            for (int64_t j = 0; j < n; j++) {
+                const float v = dst[start + j];
+                if (filled < k) {
+                    top[filled] = v;
+                    at[filled++] = start + j;
+                } else if (v > top[lowest]) {
+                    top[lowest] = v;
+                    at[lowest] = start + j;
+                } else {
+                    continue;
+                }
+                if (filled == k)
+                    for (int32_t c = 0; c < k; c++) lowest = top[c] < top[lowest] ? c : lowest;
+            }
+        }
+        for (int32_t c = 0; c < filled; c++) {
+            const float *w = head + at[c] * dim, *xr = x + r * dim;
+            float s = 0.0f;
+            #pragma omp simd reduction(+:s)
+            for (int64_t d = 0; d < dim; d++) s += w[d] * xr[d];
+            dst[at[c]] = s;
+        }
+    }
+}
+
+/* The index of each row's first maximum (as torch's max(dim).indices). */
+void niyama_argmax(const float *x, int64_t rows, int64_t cols, int64_t *out, int32_t threads) {
+    #pragma omp parallel for num_threads(threads) if(rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+        float best = row[0];
+        #pragma omp simd reduction(max:best)
+        for (int64_t c = 0; c < cols; c++) best = row[c] > best ? row[c] : best;
+        int64_t first = 0;
+        while (first < cols - 1 && row[first] != best) first++;
+        out[r] = first;
     }
 }

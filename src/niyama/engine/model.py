@@ -252,6 +252,8 @@ class LlamaModel:
         small = self.small_batch_rows
         if self.lm_head_low is None or (small is not None and x.shape[0] > small):
             return F.linear(x, self.lm_head)
+        if self.kernels is not None:
+            return self.kernels.rescored_logits(self.lm_head_low(x), x, self.lm_head, RESCORED)
         logits = self.lm_head_low(x).float()
         top = logits.topk(RESCORED, dim=-1).indices
         exact = torch.einsum("nkd,nd->nk", self.lm_head[top], x)

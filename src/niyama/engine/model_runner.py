@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model = LlamaModel(config, state, dtype, self.device, native_kernels)
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.model.kernels.argmax if self.model.kernels is not None else None)
         self.last_logprobs: dict[str, float] = {}  # filled by execute for requests that asked for them
 
     @classmethod

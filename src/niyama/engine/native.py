@@ -55,7 +55,12 @@ class NativeKernels:
         self._silu_mul.argtypes = [ptr, i64, i64, ptr, i32]
         self._rope_store_kv = lib.niyama_rope_store_kv
         self._rope_store_kv.argtypes = [ptr, i64, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
-        for f in (self._rms_norm, self._add_rms_norm, self._silu_mul, self._rope_store_kv):
+        self._rescored_logits = lib.niyama_rescored_logits
+        self._rescored_logits.argtypes = [ptr, i64, i64, ptr, ptr, i64, i32, ptr, i32]
+        self._argmax = lib.niyama_argmax
+        self._argmax.argtypes = [ptr, i64, i64, ptr, i32]
+        for f in (self._rms_norm, self._add_rms_norm, self._silu_mul, self._rope_store_kv, self._rescored_logits,
+                  self._argmax):
             f.restype = None
 
     @staticmethod
@@ -118,6 +123,25 @@ class NativeKernels:
                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], torch.get_num_threads())
         q, k, v = qkv.view(rows, -1, head_dim).split((num_heads, num_kv_heads, num_kv_heads), dim=1)
         return q, k, v
+
+
+    def rescored_logits(self, low: torch.Tensor, x: torch.Tensor, head: torch.Tensor, k: int) -> torch.Tensor:
+        """Float32 logits from the bf16 ones ``low [N, vocab]``, each row's ``k`` highest recomputed exactly
+        from the float32 ``head [vocab, dim]`` and the normed hidden states ``x [N, dim]``."""
+        low, x = low.contiguous(), x.contiguous()
+        out = torch.empty(low.shape, dtype=torch.float32)
+        self._rescored_logits(low.data_ptr(), low.shape[0], low.shape[1], x.data_ptr(), head.data_ptr(),
+                              head.shape[1], k, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's first maximum of float32 ``x [N, V]`` (torch's ``max(dim).indices``)."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return x.max(dim=-1).indices
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+        return out
 
 
 def library_path() -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +46,10 @@ GREEDY = SamplingParams(temperature=0.0)
 class Sampler:
     """Samples one token per logits row. Seeded requests keep their own generator between steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``argmax``: each row's first maximum (default: torch's ``max(dim).indices``)."""
         self._generators: dict[str, torch.Generator] = {}
+        self._argmax = argmax or _argmax
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -56,7 +58,7 @@ class Sampler:
                  params: Sequence[SamplingParams]) -> tuple[list[int], list[float] | None]:
         """Tokens for each row of float32 ``logits [N, vocab]``, and their log-probabilities when any
         request asks for them (log-softmax of the raw logits, as OpenAI reports)."""
-        tokens = _argmax(logits)
+        tokens = self._argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
@@ -79,7 +81,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
             noise[i].exponential_(generator=self._generator(rid, p.seed, logits.device))
-        return _argmax(probs / noise)
+        return self._argmax(probs / noise)
 
     def _generator(self, request_id: str, seed: int | None, device: torch.device) -> torch.Generator | None:
         if seed is None:
