@@ -2,9 +2,9 @@
 
 The C file is built with the system's C compiler (``$CC``, else ``cc``) and ``-march=native`` into the
 cache directory, keyed by the source, the flags and this CPU, so a machine builds it once (about a
-second). Where no compiler works, ``load_native_kernels()`` returns None once with a warning and the engine keeps its
-torch path: nothing is lost but speed. OpenMP comes from the libgomp torch has already loaded, so the
-kernels share torch's threads. ctypes releases the GIL for the call.
+second). Where no compiler works, ``load_native_kernels()`` returns None with one warning and the engine
+keeps its torch path: nothing is lost but speed. OpenMP comes from the libgomp torch has already loaded,
+so the kernels share torch's threads. ctypes releases the GIL for each call.
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ class NativeKernels:
     """Typed wrappers over the compiled library."""
 
     def __init__(self, lib: ctypes.CDLL):
-        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+        ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
         self._decode = lib.niyama_decode_attention
-        self._decode.argtypes = [ptr, i64, ptr, ptr, ptr, i32, ptr, i32, i32, i32, i32, i32, ctypes.c_float,
-                                 ptr, i64, i32]
+        self._decode.argtypes = [ptr, i64, ptr, ptr, ptr, i32, ptr, i32, i32, i32, i32, i32, f32, ptr, i64, i32]
         self._decode.restype = ctypes.c_int
-        f32 = ctypes.c_float
         self._rms_norm = lib.niyama_rms_norm
         self._rms_norm.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32]
         self._add_rms_norm = lib.niyama_add_rms_norm
