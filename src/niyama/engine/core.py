@@ -45,29 +45,42 @@ class IterationStats:
 
 @dataclass(slots=True)
 class _Detokenizer:
-    """Incremental text of one request, with stop strings applied."""
+    """Incremental text of one request, with stop strings applied.
+
+    Each token decodes only a short window: the tokens from ``prefix`` on, minus the text the window's
+    already-read part (``prefix:read``) gave. The token before the new ones stays in the window because
+    tokenizers render a word's leading space only after another token. A window whose text ends in an
+    unfinished UTF-8 character is not read until a later token completes it (or the request ends)."""
 
     params: SamplingParams
     text: str = ""
     sent: int = 0  # characters already reported
+    prefix: int = 0  # first output token of the decoding window
+    read: int = 0  # output tokens whose text is in ``text``
 
-    def update(self, tokenizer: Tokenizer, request: Request) -> bool:
-        """Re-decode the output; True when a stop string was found (the text is cut before it)."""
-        self.text = tokenizer.decode(request.output_token_ids)
-        cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+    def update(self, tokenizer: Tokenizer, request: Request, final: bool) -> bool:
+        """Append the new tokens' text; True when a stop string was found (the text is cut before it).
+        ``final``: the request ends with this token, so a partial character is read as it is."""
+        ids = request.output_token_ids
+        window = tokenizer.decode(ids[self.prefix:])
+        if window.endswith("\ufffd") and not final:
+            return False
+        before = len(self.text)
+        self.text += window[len(tokenizer.decode(ids[self.prefix:self.read])):]
+        self.prefix, self.read = self.read, len(ids)
+        # A stop string not found before can only end in the new text.
+        start = max(before - max((len(s) for s in self.params.stop), default=1) + 1, 0)
+        cuts = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
             return True
         return False
 
     def delta(self, finished: bool) -> str:
-        """Text not reported yet; unfinished requests hold back a possible stop-string prefix and a
-        partial UTF-8 character."""
+        """Text not reported yet; unfinished requests hold back a possible stop-string prefix."""
         end = len(self.text)
         if not finished:
             end -= max((len(s) for s in self.params.stop), default=1) - 1
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
         if end <= self.sent:
             return ""
         out, self.sent = self.text[self.sent:end], end
@@ -149,7 +162,7 @@ class EngineCore:
             if rid not in sampled or rid not in self._detok:
                 continue
             detok = self._detok[rid]
-            if detok.update(self.tokenizer, request):  # a stop string ends the request
+            if detok.update(self.tokenizer, request, rid in finished):  # a stop string ends the request
                 if rid in finished:  # it also reached max_tokens, but the text was cut at the stop string
                     request.finish_reason = FinishReason.STOP
                 else:
