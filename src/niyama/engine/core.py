@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from niyama.engine.model_runner import ModelRunner
@@ -57,6 +57,10 @@ class _Detokenizer:
     sent: int = 0  # characters already reported
     prefix: int = 0  # first output token of the decoding window
     read: int = 0  # output tokens whose text is in ``text``
+    holdback: int = field(init=False)  # characters a stop string may still complete: the longest one's, less 1
+
+    def __post_init__(self) -> None:
+        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1
 
     def update(self, tokenizer: Tokenizer, request: Request, final: bool) -> bool:
         """Append the new tokens' text; True when a stop string was found (the text is cut before it).
@@ -69,7 +73,7 @@ class _Detokenizer:
         self.text += window[len(tokenizer.decode(ids[self.prefix:self.read])):]
         self.prefix, self.read = self.read, len(ids)
         # A stop string not found before can only end in the new text.
-        start = max(before - max((len(s) for s in self.params.stop), default=1) + 1, 0)
+        start = max(before - self.holdback, 0)
         cuts = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
@@ -80,7 +84,7 @@ class _Detokenizer:
         """Text not reported yet; unfinished requests hold back a possible stop-string prefix."""
         end = len(self.text)
         if not finished:
-            end -= max((len(s) for s in self.params.stop), default=1) - 1
+            end -= self.holdback
         if end <= self.sent:
             return ""
         out, self.sent = self.text[self.sent:end], end
