@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # (why: src/niyama/__init__.py, which sets the same default for any other use).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: install test lint simulate bench bench-sim bench-engine sim-results clean
+.PHONY: install test lint simulate bench bench-sim bench-engine bench-churn sim-results clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ clean:
 bench-engine: $(STAMP)
 	mkdir -p results
 	$(BIN)/python benchmarks/bench_engine.py --json results/bench_engine.json
+
+# Whether a history of many batch shapes slows the engine, with and without its process tuning.
+bench-churn: $(STAMP)
+	mkdir -p results
+	$(BIN)/python benchmarks/bench_shape_churn.py --json results/bench_shape_churn.json
 
 # The OpenAI-compatible server (issue 4) on the default model at http://127.0.0.1:8000.
 .PHONY: serve

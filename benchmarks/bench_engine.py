@@ -17,6 +17,7 @@ import torch
 from offline_workload import random_prompts, report, throughput
 
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
+from niyama.engine.tuning import tune_process
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=max(args.num_requests, 1), num_threads=args.threads,
                           native_kernels=args.native_kernels)
+    tune_process()  # as `niyama serve` runs
     engine = LLMEngine(config)
     vocab = engine.runner.config.vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)

@@ -96,8 +96,10 @@ def _profile_engine(args: argparse.Namespace) -> tuple[ProfileResult, dict[str, 
 
     from niyama.engine.model_runner import ModelRunner
     from niyama.engine.profiler import profile, runner_meta
+    from niyama.engine.tuning import tune_process
     from niyama.engine.weights import resolve_model_path
 
+    tune_process()  # as `niyama serve` runs: the profile is the server's latency model
     runner = ModelRunner.from_config(_engine_config(args))
     with tqdm(total=args.num_batches * args.repeats, desc="profiling", unit="batch", file=sys.stderr) as bar:
         result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
@@ -125,7 +127,9 @@ def _logged_iterations(log: str, base: str | None) -> tuple[ProfileResult, dict[
 def cmd_generate(args: argparse.Namespace) -> int:
     from niyama.engine.llm_engine import LLMEngine
     from niyama.engine.sampler import SamplingParams
+    from niyama.engine.tuning import tune_process
 
+    tune_process()
     engine = LLMEngine(_engine_config(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))

@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.engine.core import EngineCore
     from niyama.engine.model_runner import ModelRunner
     from niyama.engine.tokenizer import Tokenizer
+    from niyama.engine.tuning import tune_process
     from niyama.engine.weights import resolve_model_path
     from niyama.scheduler import SchedulerConfig
     from niyama.server.app import ServerState, create_app
@@ -84,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.name.removesuffix(".gguf")
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
                           num_threads=args.threads, native_kernels=args.native_kernels)
+    tune_process()
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
     worker = engine_thread()
     print(f"niyama: loading {path}", file=sys.stderr)
