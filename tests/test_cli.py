@@ -180,7 +180,8 @@ def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):
     """Calibration runs on the engine thread, which Ctrl-C cannot interrupt; serve leaves without it. (SIGINT
     delivered to the busy engine thread used to be ignored until calibration ended.)"""
     env = {**os.environ, "NIYAMA_CACHE_DIR": str(tmp_path)}
-    _interrupt_once(["serve", "--port", str(_free_port()), "--calibration-batches", "100000"], "calibrating", env)
+    # Wait for the progress bar, not the line before it: a bar first drawn after the exit message was last.
+    _interrupt_once(["serve", "--port", str(_free_port()), "--calibration-batches", "100000"], "batch/s]", env)
 
 
 def test_engine_settings_it_cannot_use_are_one_line(tmp_path):
