@@ -3,8 +3,8 @@
 A server that has run through a burst of load has seen every batch size up to its token budget. This times
 one fixed mixed batch (60 decodes, three fresh prompts, one prompt continued) on an engine thread, as the
 server runs it, when the process is fresh, then again after ``--churn`` prefills of random sizes (1 to 512
-tokens), in two fresh interpreters: one with the engine's process tuning, one with glibc's and oneDNN's
-defaults.
+tokens), in two fresh interpreters: one with the engine's process tuning (``niyama.engine.tuning``, and the
+kernel-cache sizes ``niyama`` sets on import), one with glibc's and oneDNN's defaults.
 
     python benchmarks/bench_shape_churn.py [--churn 600] [--json results/bench_shape_churn.json]
 """
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +33,8 @@ def measure(tuned: bool, churn: int) -> dict[str, float]:
         from niyama.engine.tuning import tune_process
 
         tune_process()
-    import resource
-
+    else:  # oneDNN's and ideep's own default, which importing niyama would raise
+        os.environ.update(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
     from niyama.engine import EngineConfig, ModelRunner
     from niyama.memory import KVBlockManager
     from niyama.qos import QoS

@@ -8,5 +8,11 @@ import os
 # 2 cores), while libgomp's default spin (~1 ms) keeps the cores from the server's event loop and other
 # processes after a step ends. ~0.1 ms of spinning gets both.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# oneDNN's and ideep's kernel caches (read when torch first builds a matmul primitive) hold 1,024 shapes by
+# default, fewer than a server meets (every token count up to the batch budget × four projections): once
+# full, shapes are evicted and their kernels generated again, iterations ~5-10% slower (docs/benchmarks.md,
+# 2026-12-05). 16,384: four projections × every batch size up to 4,096 tokens.
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, "16384")
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Process tuning for the engine (glibc malloc, oneDNN cache sizes), checked in a fresh interpreter."""
+"""Process tuning for the engine (glibc malloc; oneDNN cache sizes set on import), in a fresh interpreter."""
 
 from __future__ import annotations
 
