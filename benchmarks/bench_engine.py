@@ -31,13 +31,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                     help="every step in torch (default: native kernels where they apply)")
+    ap.add_argument("--no-quantized", dest="quantized", action="store_false",
+                    help="small batches read the bf16 weights (default: the codes of weights stored in 4 or 8 bits)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=1 << 30,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=max(args.num_requests, 1), num_threads=args.threads,
-                          native_kernels=args.native_kernels)
+                          native_kernels=args.native_kernels, quantized=args.quantized)
     tune_process()  # as `niyama serve` runs
     engine = LLMEngine(config)
     vocab = engine.runner.config.vocab_size
@@ -61,6 +63,7 @@ def main() -> None:
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "native_kernels": engine.runner.model.kernels is not None,
+        "quantized": engine.runner.model.quantized,
         "cpu": platform.processor() or platform.machine(),
         **throughput(args.num_requests, args.prompt_len, args.output_len, elapsed, generated, total, decode_rate,
                      single.first_token_time - single.arrival),

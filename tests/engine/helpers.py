@@ -40,10 +40,10 @@ def save_tiny(tmp_path, kind: str, **overrides):
 
 
 def make_runner(weights, dtype: torch.dtype = torch.float32, memory: int = 256 << 20,
-                native_kernels: bool = True) -> ModelRunner:
+                native_kernels: bool = True, quantized: bool = True) -> ModelRunner:
     config, state = weights
     return ModelRunner(config, state, dtype=dtype, num_blocks=num_kv_blocks(config, dtype, memory),
-                       native_kernels=native_kernels)
+                       native_kernels=native_kernels, quantized=quantized)
 
 
 def make_request(request_id: str, prompt: list[int], max_tokens: int) -> Request:

@@ -130,14 +130,19 @@ def test_argmax_is_the_first_maximum_like_torch():
     assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("native_kernels", [True, False])
-def test_bf16_decode_steps_agree_with_fp32(weights, engine32, prompt_ids, native_kernels):
-    """Both bf16 paths (native kernels, torch) predict the fp32 greedy token at >= 99% of decode positions."""
+@pytest.mark.parametrize(("native_kernels", "quantized"), [(True, False), (False, False), (True, True)])
+def test_bf16_decode_steps_agree_with_fp32(weights, engine32, prompt_ids, native_kernels, quantized):
+    """Every bf16 path (native kernels, torch; the file's 4- and 8-bit codes for small batches) predicts the
+    fp32 greedy token at >= 99% of decode positions."""
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     continuations = [c.token_ids for c in engine32.generate(prompt_ids, params)]
-    runner = make_runner(weights, torch.bfloat16, 64 << 20, native_kernels)
+    runner = make_runner(weights, torch.bfloat16, 64 << 20, native_kernels, quantized)
     assert (runner.model.kernels is not None) == native_kernels
-    predictions = teacher_forced_predictions(runner, prompt_ids, continuations)
+    assert runner.model.quantized == quantized  # the default GGUF: Q4_1 projections, a Q8_0 head
+    # Quantized, decode steps of 4 sequences (at most Linear.SMALL_BATCH rows) read the codes.
+    group = 4 if quantized else len(prompt_ids)
+    predictions = [p for i in range(0, len(prompt_ids), group)
+                   for p in teacher_forced_predictions(runner, prompt_ids[i:i + group], continuations[i:i + group])]
     agree = sum(p == c for ps, cs in zip(predictions, continuations, strict=True) for p, c in zip(ps, cs, strict=True))
     total = sum(len(c) for c in continuations)
     assert agree / total >= 0.99, f"bf16 top-1 agreement {agree / total:.4f}"

@@ -30,12 +30,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                    help="run every step in torch (default: bf16 on the CPU runs attention over the KV cache and the "
                    "element-wise steps in kernels compiled for this machine at first use)")
+    p.add_argument("--no-quantized", dest="quantized", action="store_false",
+                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 6 "
+                   "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
 
 
 def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         kv_cache_memory=int(args.kv_cache_memory * (1 << 30)), block_size=args.block_size,
-                        num_threads=args.threads, native_kernels=args.native_kernels, **extra)
+                        num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized, **extra)
 
 
 def register(subparsers) -> None:

@@ -167,6 +167,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # running requests at once (offline loop)
     num_threads: int | None = None  # torch CPU threads; None = leave torch's default
     native_kernels: bool = True  # decode attention in the native kernel where it applies (bf16, CPU)
+    quantized: bool = True  # small batches read the 4/8-bit codes of weights the file stores so (bf16, CPU)
 
     def torch_device(self) -> torch.device:
         """``device`` checked: a known device type, and CUDA only where torch can use it."""

@@ -296,3 +296,70 @@ void niyama_argmax(const float *x, int64_t rows, int64_t cols, int64_t *out, int
         out[r] = first;
     }
 }
+
+/* ---- An 8-bit projection (Q8_0: per group of 32 inputs, a float32 scale times codes in -127..127). */
+
+#define Q8_GROUP 32
+#define Q8_MAX_ROWS 8
+#define Q8_AHEAD 2  /* output rows read ahead */
+
+/* One output o for all rows: acc over groups of 32 inputs of scale * (float)code times x. `rows` is a
+ * compile-time constant where it is inlined, so the accumulators stay in registers. */
+static inline void q8_row(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *s, float *y,
+                          int64_t out) {
+    const int64_t groups = in / Q8_GROUP;
+#ifdef __AVX512F__
+    __m512 acc[Q8_MAX_ROWS][2];
+    for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512 scale = _mm512_set1_ps(s[g]);
+        const __m512 w0 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP)))));
+        const __m512 w1 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP + 16)))));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * in + g * Q8_GROUP;
+            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) y[r * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+#else
+    float acc[Q8_MAX_ROWS][Q8_GROUP] = {{0}};
+    for (int64_t g = 0; g < groups; g++) {
+        float w[Q8_GROUP];
+        for (int j = 0; j < Q8_GROUP; j++) w[j] = s[g] * (float)q[g * Q8_GROUP + j];
+        for (int64_t r = 0; r < rows; r++)
+            for (int j = 0; j < Q8_GROUP; j++) acc[r][j] += w[j] * x[r * in + g * Q8_GROUP + j];
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float sum = 0.0f;
+        for (int j = 0; j < Q8_GROUP; j++) sum += acc[r][j];
+        y[r * out] = sum;
+    }
+#endif
+}
+
+/* y [rows][out] = x [rows][in] . W^T in float32, W [out][in] = scales [out][in / 32] * codes [out][in], for
+ * rows <= Q8_MAX_ROWS: each weight is read once and widened exactly (an 8-bit code times an fp16-precision
+ * scale fits float32's mantissa). */
+void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *codes, const float *scales,
+                      int64_t out, float *y, int32_t threads) {
+    const int64_t groups = in / Q8_GROUP;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const int8_t *q = codes + o * in;
+        const float *s = scales + o * groups;
+        if (Q8_AHEAD && o + Q8_AHEAD < out) {  /* the hardware prefetcher alone leaves this stream latency-bound */
+            for (int64_t b = 0; b < in; b += 64) __builtin_prefetch(q + Q8_AHEAD * in + b);
+            __builtin_prefetch(s + Q8_AHEAD * groups);
+        }
+        switch (rows) {  /* constant row counts: accumulators in registers */
+            case 1: q8_row(x, 1, in, q, s, y + o, out); break;
+            case 2: q8_row(x, 2, in, q, s, y + o, out); break;
+            case 3: q8_row(x, 3, in, q, s, y + o, out); break;
+            case 4: q8_row(x, 4, in, q, s, y + o, out); break;
+            default: q8_row(x, rows, in, q, s, y + o, out); break;
+        }
+    }
+}

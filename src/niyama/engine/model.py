@@ -17,6 +17,7 @@ from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
 from niyama.engine.config import ModelConfig, native_bf16
 from niyama.engine.kv_cache import KVCache
 from niyama.engine.native import NativeKernels, load_native_kernels
+from niyama.engine.quantized import Int4Weight, exact_int4, exact_q8
 
 
 def rope_inv_freq(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,19 +105,29 @@ class Linear:
       times bf16 weights, accumulated in float32 and rounded to bf16 -- the same arithmetic as a native
       bf16 matmul, at float32 speed. Small batches (decode) read the bf16 weight: half the memory traffic.
     - ``PLAIN``: ``F.linear`` on the weight as it is (float32, CUDA).
+
+    With ``int4`` (bf16 on the CPU, a weight the model file stores in 4 bits: ``niyama.engine.quantized``),
+    batches of at most ``SMALL_BATCH`` rows read its 4-bit codes instead.
     """
 
     PLAIN, PACKED, WIDE = "plain", "packed", "wide"
-    SMALL_BATCH = 6  # measured crossover on a 2-core AVX2 EPYC (all layers: 44 ms either way at 6 rows)
+    # Rows up to which small batches take other kernels. WIDE: measured crossover on a 2-core AVX2 EPYC (all
+    # layers: 44 ms either way at 6 rows). Quantized, a whole decode step on a 2-core Xeon with AMX: 14.3 vs
+    # 24.9 ms bf16 at 1 row, 22.7 vs 27.4 at 6, 26.7 vs 28.8 at 8; the int4 kernel alone is slower from ~10.
+    SMALL_BATCH = 6
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, int4: Int4Weight | None = None):
         self.packed = layout == self.PACKED
         self.weight = pack(weight) if self.packed else weight
         self.bias = bias
         self.weight32 = weight.float() if layout == self.WIDE else None
         self.bias32 = None if bias is None or self.weight32 is None else bias.float()
+        self.int4 = int4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.shape[0] <= self.SMALL_BATCH:
+            y = self.int4(x)
+            return y if self.bias is None else y + self.bias
         if self.packed:
             return packed_linear(x.to(torch.bfloat16), self.weight, self.bias)
         if self.weight32 is None or x.shape[0] <= self.SMALL_BATCH:
@@ -154,9 +165,10 @@ class Layer:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", native_kernels: bool = True):
+                 device: torch.device | str = "cpu", native_kernels: bool = True, quantized: bool = True):
         """``native_kernels``: the element-wise steps and decode attention in native kernels where they apply
-        (bf16 on the CPU, ``niyama.engine.native``)."""
+        (bf16 on the CPU, ``niyama.engine.native``). ``quantized``: small batches read the codes of the
+        weights that the model file stores in 4 or 8 bits (bf16 on the CPU, ``niyama.engine.quantized``)."""
         self.config = config
         self.dtype = dtype
         # Element-wise steps and decode attention in native kernels (fused; attention reads the KV blocks in
@@ -179,8 +191,14 @@ class LlamaModel:
             return torch.cat([w(n) for n in names]) if present else None
 
         layout = linear_layout(dtype, torch.device(device))
-        # Batches of at most this many rows run other kernels (bf16 weights) and cost much less per batch.
-        self.small_batch_rows = Linear.SMALL_BATCH if layout == Linear.WIDE else None
+        quantized = quantized and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+
+        def linear(names: list[str], bias_names: list[str], has_bias: bool) -> Linear:
+            weight = torch.cat([tensor(n) for n in names])
+            return Linear(weight.to(device=device, dtype=dtype).contiguous(), bias(bias_names, has_bias), layout,
+                          exact_int4(weight) if quantized else None)
+
+        self.wide = layout == Linear.WIDE
 
         self.embed = w("model.embed_tokens.weight")
         # Logits are computed in float32 whatever the dtype: bf16 rounding (8 bits of mantissa) of logits
@@ -201,16 +219,21 @@ class LlamaModel:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
+            qkv, gate_up = [f"{attn}{x}_proj" for x in "qkv"], [mlp + "gate_proj", mlp + "up_proj"]
             self.layers.append(Layer(
                 attn_norm=w(p + "input_layernorm.weight"),
-                qkv=Linear(torch.cat([w(f"{attn}{x}_proj.weight") for x in "qkv"]),
-                           bias([f"{attn}{x}_proj.bias" for x in "qkv"], config.attention_bias), layout),
-                o=Linear(w(attn + "o_proj.weight"), bias([attn + "o_proj.bias"], o_bias), layout),
+                qkv=linear([n + ".weight" for n in qkv], [n + ".bias" for n in qkv], config.attention_bias),
+                o=linear([attn + "o_proj.weight"], [attn + "o_proj.bias"], o_bias),
                 mlp_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(torch.cat([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")]),
-                               bias([mlp + "gate_proj.bias", mlp + "up_proj.bias"], config.mlp_bias), layout),
-                down=Linear(w(mlp + "down_proj.weight"), bias([mlp + "down_proj.bias"], config.mlp_bias), layout),
+                gate_up=linear([n + ".weight" for n in gate_up], [n + ".bias" for n in gate_up], config.mlp_bias),
+                down=linear([mlp + "down_proj.weight"], [mlp + "down_proj.bias"], config.mlp_bias),
             ))
+        # The head's 8-bit codes (exact float32 logits), for small batches.
+        self.head_q8 = exact_q8(head) if quantized and self.kernels is not None else None
+        self.quantized = self.head_q8 is not None or any(
+            x.int4 is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        # Batches of at most this many rows run other kernels (bf16 or quantized weights) and cost much less.
+        self.small_batch_rows = Linear.SMALL_BATCH if self.wide or self.quantized else None
         inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
         positions = torch.arange(config.context_length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
@@ -244,13 +267,15 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for selected rows of ``forward``'s output.
 
-        In bf16, for batches of at most ``small_batch_rows`` rows (any batch where bf16 is native), only the
+        In bf16, for batches of at most ``Linear.SMALL_BATCH`` rows (any batch where bf16 is native), only the
         ``RESCORED`` highest logits of each row are exact; the rest carry bf16 rounding (about 0.4%), which
-        moves no greedy choice and only the far tail of a sampled distribution.
+        moves no greedy choice and only the far tail of a sampled distribution. A head the model file stores
+        in 8 bits gives exact logits to batches of at most ``Linear.SMALL_BATCH`` rows, read as its codes.
         """
         x = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        small = self.small_batch_rows
-        if self.lm_head_low is None or (small is not None and x.shape[0] > small):
+        if self.head_q8 is not None and x.shape[0] <= Linear.SMALL_BATCH:
+            return self.kernels.q8_linear(x, *self.head_q8)
+        if self.lm_head_low is None or (self.wide and x.shape[0] > Linear.SMALL_BATCH):
             return F.linear(x, self.lm_head)
         if self.kernels is not None:
             return self.kernels.rescored_logits(self.lm_head_low(x), x, self.lm_head, RESCORED)

@@ -55,12 +55,12 @@ class PreparedBatch:
 class ModelRunner:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                  device: torch.device | str = "cpu", num_blocks: int, block_size: int = 16,
-                 native_kernels: bool = True):
+                 native_kernels: bool = True, quantized: bool = True):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = block_size
-        self.model = LlamaModel(config, state, dtype, self.device, native_kernels)
+        self.model = LlamaModel(config, state, dtype, self.device, native_kernels, quantized)
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
         self.sampler = Sampler(self.model.kernels.argmax if self.model.kernels is not None else None)
         self.last_logprobs: dict[str, float] = {}  # filled by execute for requests that asked for them
@@ -74,7 +74,7 @@ class ModelRunner:
         config, state = load_weights(engine.model)
         blocks = num_kv_blocks(config, dtype, engine.kv_cache_memory, engine.block_size)
         return cls(config, state, dtype=dtype, device=device, num_blocks=blocks, block_size=engine.block_size,
-                   native_kernels=engine.native_kernels)
+                   native_kernels=engine.native_kernels, quantized=engine.quantized)
 
     @property
     def num_blocks(self) -> int:

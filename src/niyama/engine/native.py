@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # whole process when the library loads (subnormal floats would vanish everywhere, not just here).
 COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
-MAX_HEAD_DIM, MAX_QUERY_ROWS = 256, 64  # as in kernels.c
+MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS = 256, 64, 8  # as in kernels.c
 
 
 class NativeKernels:
@@ -57,8 +57,10 @@ class NativeKernels:
         self._rescored_logits.argtypes = [ptr, i64, i64, ptr, ptr, i64, i32, ptr, i32]
         self._argmax = lib.niyama_argmax
         self._argmax.argtypes = [ptr, i64, i64, ptr, i32]
+        self._q8_linear = lib.niyama_q8_linear
+        self._q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
         for f in (self._rms_norm, self._add_rms_norm, self._silu_mul, self._rope_store_kv, self._rescored_logits,
-                  self._argmax):
+                  self._argmax, self._q8_linear):
             f.restype = None
 
     @staticmethod
@@ -130,6 +132,16 @@ class NativeKernels:
         out = torch.empty(low.shape, dtype=torch.float32)
         self._rescored_logits(low.data_ptr(), low.shape[0], low.shape[1], x.data_ptr(), head.data_ptr(),
                               head.shape[1], k, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def q8_linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Float32 ``x [N, in] . W^T`` for ``W = scales [out, in / 32] * codes [out, in]`` (int8), N <= 8."""
+        if x.shape[0] > Q8_MAX_ROWS:
+            raise ValueError(f"q8_linear: at most {Q8_MAX_ROWS} rows")
+        x = x.float().contiguous()
+        out = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+        self._q8_linear(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scales.data_ptr(), codes.shape[0],
+                        out.data_ptr(), torch.get_num_threads())
         return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:

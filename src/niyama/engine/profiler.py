@@ -128,6 +128,7 @@ def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "native_kernels": runner.model.kernels is not None,
+        "quantized": runner.model.quantized,
         "block_size": runner.block_size,
         "kv_cache_tokens": runner.kv_cache.capacity_tokens,
     }

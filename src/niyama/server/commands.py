@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                    help="run every engine step in torch (default: bf16 on the CPU runs attention over the KV cache "
                    "and the element-wise steps in kernels compiled for this machine at first use)")
+    p.add_argument("--no-quantized", dest="quantized", action="store_false",
+                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 6 "
+                   "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
@@ -84,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
-                          num_threads=args.threads, native_kernels=args.native_kernels)
+                          num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized)
     tune_process()
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
     worker = engine_thread()
