@@ -14,7 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -297,63 +297,82 @@ void niyama_argmax(const float *x, int64_t rows, int64_t cols, int64_t *out, int
     }
 }
 
-/* ---- An 8-bit projection (Q8_0: per group of 32 inputs, a float32 scale times codes in -127..127). */
+/* ---- An 8-bit projection read as the model file's codes (Q8_0: per group of 32 inputs, an fp16 scale times
+ * q in -127..127), for a few rows (decode steps): the weights are read once, widened exactly to float32 (an
+ * 8-bit code times an fp16 scale fits float32's mantissa) and multiplied in float32. */
 
 #define Q8_GROUP 32
 #define Q8_MAX_ROWS 8
-#define Q8_AHEAD 2  /* output rows read ahead */
+#define Q8_AHEAD 2  /* output rows prefetched ahead: the hardware prefetcher alone left the stream latency-bound */
 
-/* One output o for all rows: acc over groups of 32 inputs of scale * (float)code times x. `rows` is a
- * compile-time constant where it is inlined, so the accumulators stay in registers. */
-static inline void q8_row(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *s, float *y,
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    const float magnitude = exponent == 0    ? ldexpf((float)mantissa, -24)
+                            : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                                             : ldexpf((float)(mantissa | 0x400), exponent - 25);
+    return h & 0x8000 ? -magnitude : magnitude;
+#endif
+}
+
+/* One output for `rows` rows; `rows` is a compile-time constant where inlined, so the accumulators stay in
+ * registers. Two groups at a time go to separate accumulators, so that the FMA chains overlap. */
+static inline void q8_row(const float *x, int64_t rows, int64_t in, const int8_t *q, const uint16_t *scale, float *y,
                           int64_t out) {
     const int64_t groups = in / Q8_GROUP;
 #ifdef __AVX512F__
-    __m512 acc[Q8_MAX_ROWS][2];
-    for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        const __m512 scale = _mm512_set1_ps(s[g]);
-        const __m512 w0 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP)))));
-        const __m512 w1 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP + 16)))));
-        for (int64_t r = 0; r < rows; r++) {
-            const float *xr = x + r * in + g * Q8_GROUP;
-            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+    __m512 acc[Q8_MAX_ROWS][4];
+    for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+        __m512 w[4];
+        for (int h = 0; h < 2; h++) {
+            const __m512 s = _mm512_set1_ps(half_to_float(scale[g + h]));
+            for (int half = 0; half < 2; half++)
+                w[2 * h + half] = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(q + (g + h) * Q8_GROUP + 16 * half)))));
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + r * in + g * Q8_GROUP + 16 * j), acc[r][j]);
+    }
+    for (; g < groups; g++) {
+        const __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
+        for (int half = 0; half < 2; half++) {
+            const __m512 w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP + 16 * half)))));
+            for (int64_t r = 0; r < rows; r++)
+                acc[r][half] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * in + g * Q8_GROUP + 16 * half), acc[r][half]);
         }
     }
-    for (int64_t r = 0; r < rows; r++) y[r * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t r = 0; r < rows; r++)
+        y[r * out] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                        _mm512_add_ps(acc[r][2], acc[r][3])));
 #else
-    float acc[Q8_MAX_ROWS][Q8_GROUP] = {{0}};
-    for (int64_t g = 0; g < groups; g++) {
-        float w[Q8_GROUP];
-        for (int j = 0; j < Q8_GROUP; j++) w[j] = s[g] * (float)q[g * Q8_GROUP + j];
-        for (int64_t r = 0; r < rows; r++)
-            for (int j = 0; j < Q8_GROUP; j++) acc[r][j] += w[j] * x[r * in + g * Q8_GROUP + j];
-    }
     for (int64_t r = 0; r < rows; r++) {
         float sum = 0.0f;
-        for (int j = 0; j < Q8_GROUP; j++) sum += acc[r][j];
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = half_to_float(scale[g]);
+            for (int j = 0; j < Q8_GROUP; j++) sum += s * (float)q[g * Q8_GROUP + j] * x[r * in + g * Q8_GROUP + j];
+        }
         y[r * out] = sum;
     }
 #endif
 }
 
-/* y [rows][out] = x [rows][in] . W^T in float32, W [out][in] = scales [out][in / 32] * codes [out][in], for
- * rows <= Q8_MAX_ROWS: each weight is read once and widened exactly (an 8-bit code times an fp16-precision
- * scale fits float32's mantissa). */
-void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *codes, const float *scales,
+/* y [rows][out] = x [rows][in] . W^T in float32, W = scales [out][in / 32] (fp16) * codes [out][in] (int8), for
+ * rows <= Q8_MAX_ROWS. */
+void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *codes, const uint16_t *scales,
                       int64_t out, float *y, int32_t threads) {
     const int64_t groups = in / Q8_GROUP;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const int8_t *q = codes + o * in;
-        const float *s = scales + o * groups;
-        if (Q8_AHEAD && o + Q8_AHEAD < out) {  /* the hardware prefetcher alone leaves this stream latency-bound */
-            for (int64_t b = 0; b < in; b += 64) __builtin_prefetch(q + Q8_AHEAD * in + b);
-            __builtin_prefetch(s + Q8_AHEAD * groups);
-        }
+        if (o + Q8_AHEAD < out)
+            for (int64_t at = 0; at < in; at += 64) __builtin_prefetch(q + Q8_AHEAD * in + at);
+        const uint16_t *s = scales + o * groups;
         switch (rows) {  /* constant row counts: accumulators in registers */
             case 1: q8_row(x, 1, in, q, s, y + o, out); break;
             case 2: q8_row(x, 2, in, q, s, y + o, out); break;

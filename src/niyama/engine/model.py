@@ -17,7 +17,7 @@ from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
 from niyama.engine.config import ModelConfig, native_bf16
 from niyama.engine.kv_cache import KVCache
 from niyama.engine.native import NativeKernels, load_native_kernels
-from niyama.engine.quantized import Int4Weight, exact_int4, exact_q8
+from niyama.engine.quantized import Int4Codes, Int8Codes, file_codes
 
 
 def rope_inv_freq(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,8 +106,8 @@ class Linear:
       bf16 matmul, at float32 speed. Small batches (decode) read the bf16 weight: half the memory traffic.
     - ``PLAIN``: ``F.linear`` on the weight as it is (float32, CUDA).
 
-    With ``int4`` (bf16 on the CPU, a weight the model file stores in 4 bits: ``niyama.engine.quantized``),
-    batches of at most ``SMALL_BATCH`` rows read its 4-bit codes instead.
+    With ``codes`` (bf16 on the CPU with native kernels, a weight the model file stores in 4 or 8 bits:
+    ``niyama.engine.quantized``), batches of at most ``SMALL_BATCH`` rows read those codes instead.
     """
 
     PLAIN, PACKED, WIDE = "plain", "packed", "wide"
@@ -116,17 +116,19 @@ class Linear:
     # 24.9 ms bf16 at 1 row, 22.7 vs 27.4 at 6, 26.7 vs 28.8 at 8; the int4 kernel alone is slower from ~10.
     SMALL_BATCH = 6
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, int4: Int4Weight | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
+                 codes: Int4Codes | Int8Codes | None = None, kernels: NativeKernels | None = None):
         self.packed = layout == self.PACKED
         self.weight = pack(weight) if self.packed else weight
         self.bias = bias
         self.weight32 = weight.float() if layout == self.WIDE else None
         self.bias32 = None if bias is None or self.weight32 is None else bias.float()
-        self.int4 = int4
+        self.codes = codes if kernels is not None else None
+        self.kernels = kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.shape[0] <= self.SMALL_BATCH:
-            y = self.int4(x)
+        if self.codes is not None and x.shape[0] <= self.SMALL_BATCH:
+            y = self.codes(x, self.kernels).to(torch.bfloat16)  # codes exist only with bf16 native kernels
             return y if self.bias is None else y + self.bias
         if self.packed:
             return packed_linear(x.to(torch.bfloat16), self.weight, self.bias)
@@ -168,7 +170,7 @@ class LlamaModel:
                  device: torch.device | str = "cpu", native_kernels: bool = True, quantized: bool = True):
         """``native_kernels``: the element-wise steps and decode attention in native kernels where they apply
         (bf16 on the CPU, ``niyama.engine.native``). ``quantized``: small batches read the codes of the
-        weights that the model file stores in 4 or 8 bits (bf16 on the CPU, ``niyama.engine.quantized``)."""
+        weights that the model file stores in 4 or 8 bits (with the native kernels, ``niyama.engine.quantized``)."""
         self.config = config
         self.dtype = dtype
         # Element-wise steps and decode attention in native kernels (fused; attention reads the KV blocks in
@@ -191,12 +193,12 @@ class LlamaModel:
             return torch.cat([w(n) for n in names]) if present else None
 
         layout = linear_layout(dtype, torch.device(device))
-        quantized = quantized and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        quantized = quantized and self.kernels is not None
 
         def linear(names: list[str], bias_names: list[str], has_bias: bool) -> Linear:
             weight = torch.cat([tensor(n) for n in names])
             return Linear(weight.to(device=device, dtype=dtype).contiguous(), bias(bias_names, has_bias), layout,
-                          exact_int4(weight) if quantized else None)
+                          file_codes(weight) if quantized else None, self.kernels)
 
         self.wide = layout == Linear.WIDE
 
@@ -228,10 +230,11 @@ class LlamaModel:
                 gate_up=linear([n + ".weight" for n in gate_up], [n + ".bias" for n in gate_up], config.mlp_bias),
                 down=linear([mlp + "down_proj.weight"], [mlp + "down_proj.bias"], config.mlp_bias),
             ))
-        # The head's 8-bit codes (exact float32 logits), for small batches.
-        self.head_q8 = exact_q8(head) if quantized and self.kernels is not None else None
-        self.quantized = self.head_q8 is not None or any(
-            x.int4 is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        # The head's 8-bit codes, for small batches: exact float32 logits of the file's weights.
+        head_codes = file_codes(head) if quantized else None
+        self.head_codes = head_codes if isinstance(head_codes, Int8Codes) else None
+        self.quantized = self.head_codes is not None or any(
+            x.codes is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
         # Batches of at most this many rows run other kernels (bf16 or quantized weights) and cost much less.
         self.small_batch_rows = Linear.SMALL_BATCH if self.wide or self.quantized else None
         inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
@@ -270,11 +273,11 @@ class LlamaModel:
         In bf16, for batches of at most ``Linear.SMALL_BATCH`` rows (any batch where bf16 is native), only the
         ``RESCORED`` highest logits of each row are exact; the rest carry bf16 rounding (about 0.4%), which
         moves no greedy choice and only the far tail of a sampled distribution. A head the model file stores
-        in 8 bits gives exact logits to batches of at most ``Linear.SMALL_BATCH`` rows, read as its codes.
+        in 8 bits gives batches of at most ``Linear.SMALL_BATCH`` rows exact logits, read as its codes.
         """
         x = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        if self.head_q8 is not None and x.shape[0] <= Linear.SMALL_BATCH:
-            return self.kernels.q8_linear(x, *self.head_q8)
+        if self.head_codes is not None and x.shape[0] <= Linear.SMALL_BATCH:
+            return self.head_codes(x, self.kernels)
         if self.lm_head_low is None or (self.wide and x.shape[0] > Linear.SMALL_BATCH):
             return F.linear(x, self.lm_head)
         if self.kernels is not None:

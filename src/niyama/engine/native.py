@@ -135,7 +135,8 @@ class NativeKernels:
         return out
 
     def q8_linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Float32 ``x [N, in] . W^T`` for ``W = scales [out, in / 32] * codes [out, in]`` (int8), N <= 8."""
+        """Float32 ``x [N, in] . W^T`` (N <= 8) for ``W = scales [out, in / 32] (fp16) * codes [out, in] (int8)``,
+        in float32 arithmetic."""
         if x.shape[0] > Q8_MAX_ROWS:
             raise ValueError(f"q8_linear: at most {Q8_MAX_ROWS} rows")
         x = x.float().contiguous()

@@ -1,76 +1,87 @@
-"""The codes of weights that the model file stores quantized, for small batches on the CPU.
+"""The codes of weights that the model file stores quantized, read as such by small batches on the CPU.
 
 A decode step of a few sequences reads every weight once, so its time is the weights' bytes over memory
 bandwidth: in bf16, SmolLM2-135M's 30 layers take ~17 ms a step on a 2-core Xeon whatever the kernel, and
 its head ~4 ms more. The default GGUF stores the projections as Q4_1 (each group of 32 inputs of a row holds
 16 evenly spaced values, ``low + step * q`` with ``q`` in 0..15) and the head as Q8_0 (``scale * q`` with
-``q`` in -127..127). Read as such codes, the same weights are 5 and 8.5 bits each instead of 16: torch's
-int4 kernel takes ~5 ms for the layers at one row, and a native kernel reads the head in ~1 ms.
+``q`` in -127..127), with fp16 scales. Read as codes, the same weights are 5 and 8.5 bits each instead of 16:
+torch's int4 kernel reads 4-bit codes (5.2 vs 17 ms for the layers at one row), a native kernel the 8-bit
+ones (``niyama_q8_linear``, exact float32 products).
 
-Nothing is quantized that was not: a weight gets codes only if they rebuild it exactly (``exact_int4``,
-``exact_q8``). The 8-bit head is exact in float32; the 4-bit layers round each group's step and offset to
-bf16 (the kernel's format) where the bf16 path rounds every weight. Large batches keep the bf16 weights
-(oneDNN/AMX): these kernels compute more per row and are slower there.
+Nothing is quantized that was not: a weight gets codes only if they rebuild it exactly (``file_codes``).
+The 8-bit path is exact; the 4-bit one rounds each group's step and offset to bf16 (torch's format) where
+the bf16 path rounds every weight. Large batches keep the bf16 weights (oneDNN/AMX): these kernels compute
+per row and are slower there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from niyama.engine.native import NativeKernels
+
 GROUP = 32  # inputs per group, as in Q4_0/Q4_1/Q8_0
 
 
-class Int4Weight:
-    """A projection ``[out, in]`` as 4-bit codes plus a bf16 step and offset per group of ``GROUP`` inputs."""
+class Int4Codes:
+    """A weight ``[out, in]`` as 4-bit codes, read by torch's int4 kernel (bf16 in and out)."""
+
+    bits = 4
 
     def __init__(self, codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor):
-        """``codes`` ``[out, in]`` int32 in 0..15; ``step``, ``low`` ``[out, in / GROUP]``: w = low + step * q."""
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        """``codes`` ``[out, in]`` in 0..15, ``step`` and ``low`` ``[out, in / GROUP]``: w = low + step * q."""
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         # The kernel computes (q - 8) * scale + zero.
         self.scales_zeros = torch.stack((step, low + 8 * step), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
 
 
-def _groups(weight: torch.Tensor) -> torch.Tensor | None:
+class Int8Codes:
+    """A weight ``[out, in]`` as int8 codes and fp16 scales per group, read by the native kernel: float32 out,
+    exactly the products of the file's weights."""
+
+    bits = 8
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        self.codes = codes.to(torch.int8).contiguous()
+        self.scale = scale.half().contiguous()
+
+    def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
+        return kernels.q8_linear(x, self.codes, self.scale)
+
+
+def _on_grid(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor, groups: torch.Tensor) -> bool:
+    """Whether ``low + step * codes`` rebuilds ``groups``: float32 arithmetic leaves ~1e-7 of a step, a
+    weight off the grid misses by up to half a step."""
+    return bool(((low + codes * step - groups).abs() <= 1e-3 * step).all())
+
+
+def _fp16_step(step: torch.Tensor) -> torch.Tensor:
+    """As the file has it (a step derived in float32 rounds back to the file's fp16 exactly); 1 for a constant
+    group, whose codes are all 0."""
+    return torch.where(step > 0, step, torch.ones_like(step)).half().float()
+
+
+def file_codes(weight: torch.Tensor) -> Int4Codes | Int8Codes | None:
+    """The codes of a float32 ``[out, in]`` weight whose every group of ``GROUP`` inputs lies on a Q4_1 grid
+    (16 evenly spaced values from its minimum to its maximum, fp16 step and minimum) or else on a Q8_0 grid
+    (its fp16 scale times integers in -127..127, the largest magnitude 127); None for any other weight, and
+    for a 4-bit one whose rows torch's kernel cannot pack (not a multiple of 16)."""
     out, inp = weight.shape
-    return None if inp % GROUP else weight.float().reshape(out, inp // GROUP, GROUP)
-
-
-def _rebuilds(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, groups: torch.Tensor) -> bool:
-    """Whether ``offset + step * codes`` is ``groups``: float32 arithmetic leaves ~1e-7 of a step; a weight
-    that is not on the grid misses by up to half a step."""
-    return bool(((offset + codes * step - groups).abs() <= 1e-3 * step).all())
-
-
-def _nonzero(step: torch.Tensor) -> torch.Tensor:
-    return torch.where(step > 0, step, torch.ones_like(step))
-
-
-def exact_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """The 4-bit copy of a float32 ``[out, in]`` weight whose every group of ``GROUP`` inputs takes at most 16
-    evenly spaced values from its minimum to its maximum (Q4_1's rule); None for any other weight."""
-    groups = _groups(weight)
-    if groups is None or weight.shape[0] % 16:  # the kernel packs rows in tiles of 16
+    if inp % GROUP:
         return None
-    low = groups.amin(dim=-1, keepdim=True)
-    step = _nonzero((groups.amax(dim=-1, keepdim=True) - low) / 15)
+    groups = weight.float().reshape(out, inp // GROUP, GROUP)
+    low = groups.amin(dim=-1, keepdim=True).half().float()
+    step = _fp16_step((groups.amax(dim=-1, keepdim=True) - low) / 15)
     codes = ((groups - low) / step).round_().clamp_(0, 15)
-    if not _rebuilds(codes, step, low, groups):
-        return None
-    return Int4Weight(codes.reshape(weight.shape).to(torch.int32), step.squeeze(-1), low.squeeze(-1))
-
-
-def exact_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """int8 codes ``[out, in]`` and float32 scales ``[out, in / GROUP]`` of a float32 weight whose every group
-    of ``GROUP`` inputs is its scale times integers in -127..127, the largest magnitude 127 (Q8_0's rule);
-    None for any other weight."""
-    groups = _groups(weight)
-    if groups is None:
-        return None
-    scale = _nonzero(groups.abs().amax(dim=-1, keepdim=True) / 127)
+    if _on_grid(codes, step, low, groups):
+        if out % 16:
+            return None
+        return Int4Codes(codes.reshape(out, inp), step.squeeze(-1), low.squeeze(-1))
+    scale = _fp16_step(groups.abs().amax(dim=-1, keepdim=True) / 127)
     codes = (groups / scale).round_().clamp_(-127, 127)
-    if not _rebuilds(codes, scale, torch.zeros_like(scale), groups):
-        return None
-    return codes.reshape(weight.shape).to(torch.int8), scale.squeeze(-1).contiguous()
+    if _on_grid(codes, scale, torch.zeros_like(scale), groups):
+        return Int8Codes(codes.reshape(out, inp), scale.squeeze(-1))
+    return None
