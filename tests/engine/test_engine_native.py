@@ -56,6 +56,25 @@ def test_decode_attention_matches_float32_attention_over_gathered_blocks(block_s
     assert not out[len(lens)].any()  # nothing written past the batch
 
 
+def test_one_sequences_attention_is_the_same_while_an_idle_thread_reads_ahead():
+    """With fewer sequences than threads, the idle threads read the given memory into the cache meanwhile
+    (stopping once attention is done); the result does not change."""
+    torch.manual_seed(5)
+    k_cache, v_cache = torch.randn(2, 50, 16, 3, 64).bfloat16()
+    tables, lens = torch.arange(50, dtype=torch.int32)[None], torch.tensor([790], dtype=torch.int32)
+    q = torch.randn(1, 9, 64).bfloat16()
+    ahead = native.MemoryList((torch.randn(1 << 20), torch.zeros(3, dtype=torch.int8)))
+    alone, read_ahead = torch.empty(2, 1, 9 * 64, dtype=torch.bfloat16)
+    kernels.decode_attention(q, k_cache, v_cache, tables, lens, alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        kernels.decode_attention(q, k_cache, v_cache, tables, lens, read_ahead, ahead)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, read_ahead)
+
+
 def test_fused_elementwise_steps_compute_what_torch_computes():
     torch.manual_seed(1)
     ops, rows, hidden, eps = TorchOps(), 37, 576, 1e-5

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from niyama.engine.native import NativeKernels
+from niyama.engine.native import MemoryList, NativeKernels
 
 
 @dataclass(slots=True)
@@ -71,17 +71,18 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, kernels: NativeKernels | None = None
-                    ) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, kernels: NativeKernels | None = None,
+                    ahead: MemoryList | None = None) -> torch.Tensor:
     """q ``[T, heads, head_dim]``, k/v ``[T, kv_heads, head_dim]`` (already written to the cache);
-    returns ``[T, heads * head_dim]``. ``kernels`` runs a ``DecodeBatch``."""
+    returns ``[T, heads * head_dim]``. ``kernels`` runs a ``DecodeBatch``; ``ahead``: memory its idle threads
+    read into the cache meanwhile (see ``NativeKernels.decode_attention``)."""
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     out = q.new_empty(num_tokens, num_heads * head_dim)
     if isinstance(meta.decodes, DecodeBatch):
         b = meta.decodes.lens.shape[0]
-        kernels.decode_attention(q[:b], k_cache, v_cache, meta.decodes.tables, meta.decodes.lens, out[:b])
+        kernels.decode_attention(q[:b], k_cache, v_cache, meta.decodes.tables, meta.decodes.lens, out[:b], ahead)
     else:
         for dg in meta.decodes:
             b, rows = dg.size, slice(dg.row, dg.row + dg.size)

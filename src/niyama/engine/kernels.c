@@ -13,6 +13,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -21,6 +22,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_QUERY_ROWS 64  /* query heads */
 #define SPAN 16  /* tokens scored at a time */
+#define AHEAD_CHECK 4096  /* bytes read ahead between checks whether attention is done */
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
@@ -137,13 +139,33 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
 int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int32_t *tables, int32_t table_width, const int32_t *lens, int32_t num_seqs,
                             int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
-                            uint16_t *out, int64_t out_stride, int32_t threads) {
+                            uint16_t *out, int64_t out_stride, const void *const *ahead, const int64_t *ahead_bytes,
+                            int32_t num_ahead, int32_t threads) {
     if (dim > MAX_HEAD_DIM || kv_heads * group > MAX_QUERY_ROWS) return -1;
-    /* Round-robin: the runner passes sequences longest first. */
-    #pragma omp parallel for schedule(static, 1) num_threads(threads)
-    for (int32_t b = 0; b < num_seqs; b++)
-        attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group, dim,
-               block_size, scale, out + b * out_stride);
+    int32_t pending = num_seqs;
+    #pragma omp parallel num_threads(threads) shared(pending)
+    {
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        /* Round-robin: the runner passes sequences longest first. */
+        for (int32_t b = tid; b < num_seqs; b += team) {
+            attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
+                   dim, block_size, scale, out + b * out_stride);
+            #pragma omp atomic update
+            pending--;
+        }
+        /* A thread without a sequence meanwhile reads the memory the next steps will (their weights) into the
+         * cache, until the attention is done: memory is otherwise idle while it runs. */
+        for (int32_t a = tid - num_seqs; a >= 0 && a < num_ahead; a += team - num_seqs)
+            for (int64_t at = 0; at < ahead_bytes[a]; at += 64) {
+                if (at % AHEAD_CHECK == 0) {
+                    int32_t left;
+                    #pragma omp atomic read
+                    left = pending;
+                    if (!left) { a = num_ahead; break; }
+                }
+                __builtin_prefetch((const char *)ahead[a] + at, 0, 2);
+            }
+    }
     return 0;
 }
 

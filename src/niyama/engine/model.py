@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
 from niyama.engine.config import ModelConfig, native_bf16
 from niyama.engine.kv_cache import KVCache
-from niyama.engine.native import NativeKernels, load_native_kernels
+from niyama.engine.native import MemoryList, NativeKernels, load_native_kernels
 from niyama.engine.quantized import Int4Codes, Int8Codes, file_codes
 
 
@@ -163,6 +163,9 @@ class Layer:
     mlp_norm: torch.Tensor
     gate_up: Linear  # [2 * intermediate, hidden]
     down: Linear
+    # What a small batch reads after its attention (the codes of o, gate_up and down): with one sequence to
+    # attend, the attention kernel's idle thread reads it into the cache meanwhile.
+    ahead: MemoryList | None = None
 
 
 class LlamaModel:
@@ -230,6 +233,9 @@ class LlamaModel:
                 gate_up=linear([n + ".weight" for n in gate_up], [n + ".bias" for n in gate_up], config.mlp_bias),
                 down=linear([mlp + "down_proj.weight"], [mlp + "down_proj.bias"], config.mlp_bias),
             ))
+            layer = self.layers[-1]
+            ahead = tuple(t for x in (layer.o, layer.gate_up, layer.down) if x.codes for t in x.codes.tensors)
+            layer.ahead = MemoryList(ahead) if ahead else None
         # The head's 8-bit codes, for small batches: exact float32 logits of the file's weights.
         head_codes = file_codes(head) if quantized else None
         self.head_codes = head_codes if isinstance(head_codes, Int8Codes) else None
@@ -252,14 +258,15 @@ class LlamaModel:
         """
         cfg, ops = self.config, self.ops
         eps = cfg.rms_norm_eps
+        small = input_ids.shape[0] <= Linear.SMALL_BATCH
         h = F.embedding(input_ids, self.embed).float()
         x = ops.rms_norm(h, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache.layer(i)
             q, k, v = ops.rope_store_kv(layer.qkv(x), cfg.num_heads, cfg.num_kv_heads, self.cos, self.sin, positions,
                                         meta, k_cache, v_cache)
-            x = ops.add_rms_norm(h, layer.o(paged_attention(q, k, v, k_cache, v_cache, meta, self.kernels)),
-                                 layer.mlp_norm, eps)
+            attention = paged_attention(q, k, v, k_cache, v_cache, meta, self.kernels, layer.ahead if small else None)
+            x = ops.add_rms_norm(h, layer.o(attention), layer.mlp_norm, eps)
             down = layer.down(ops.silu_mul(layer.gate_up(x)))
             if i + 1 < len(self.layers):
                 x = ops.add_rms_norm(h, down, self.layers[i + 1].attn_norm, eps)

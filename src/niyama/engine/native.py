@@ -37,13 +37,24 @@ LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
 MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS = 256, 64, 8  # as in kernels.c
 
 
+class MemoryList:
+    """Tensors' memory as the kernels take it (addresses and sizes), built once; keeps the tensors alive."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        self.tensors = tensors
+        self.arguments = ((ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors]),
+                          (ctypes.c_int64 * len(tensors))(*[t.numel() * t.element_size() for t in tensors]),
+                          len(tensors))
+
+
 class NativeKernels:
     """Typed wrappers over the compiled library."""
 
     def __init__(self, lib: ctypes.CDLL):
         ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
         self._decode = lib.niyama_decode_attention
-        self._decode.argtypes = [ptr, i64, ptr, ptr, ptr, i32, ptr, i32, i32, i32, i32, i32, f32, ptr, i64, i32]
+        self._decode.argtypes = [ptr, i64, ptr, ptr, ptr, i32, ptr, i32, i32, i32, i32, i32, f32, ptr, i64,
+                                 ptr, ptr, i32, i32]
         self._decode.restype = ctypes.c_int
         self._rms_norm = lib.niyama_rms_norm
         self._rms_norm.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32]
@@ -68,12 +79,14 @@ class NativeKernels:
         return head_dim <= MAX_HEAD_DIM and num_heads <= MAX_QUERY_ROWS
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                         lens: torch.Tensor, out: torch.Tensor) -> None:
+                         lens: torch.Tensor, out: torch.Tensor, ahead: MemoryList | None = None) -> None:
         """One query token per sequence over its cached context, written into ``out``.
 
         q ``[B, heads, head_dim]`` bf16 (rows may be strided); caches ``[blocks, block_size, kv_heads,
         head_dim]`` bf16; ``tables`` ``[B, width]`` int32 block tables; ``lens`` ``[B]`` int32 context
         lengths (the new token included); out ``[B, heads * head_dim]`` bf16 (rows may be strided).
+        ``ahead``: memory the next steps will read (weights); threads left without a sequence read it into
+        the cache until the attention is done, since memory is otherwise idle meanwhile.
         """
         num_seqs, num_heads, head_dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
@@ -82,7 +95,8 @@ class NativeKernels:
             raise ValueError("decode_attention: unsupported tensor layout")
         status = self._decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                               tables.shape[1], lens.data_ptr(), num_seqs, kv_heads, num_heads // kv_heads, head_dim,
-                              block_size, head_dim ** -0.5, out.data_ptr(), out.stride(0), torch.get_num_threads())
+                              block_size, head_dim ** -0.5, out.data_ptr(), out.stride(0),
+                              *(ahead.arguments if ahead is not None else (None, None, 0)), torch.get_num_threads())
         if status != 0:
             raise RuntimeError("decode_attention: unsupported shape")
 

@@ -37,6 +37,11 @@ class Int4Codes:
     def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The memory a product reads."""
+        return self.packed, self.scales_zeros
+
 
 class Int8Codes:
     """A weight ``[out, in]`` as int8 codes and fp16 scales per group, read by the native kernel: float32 out,
@@ -50,6 +55,11 @@ class Int8Codes:
 
     def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
         return kernels.q8_linear(x, self.codes, self.scale)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The memory a product reads."""
+        return self.codes, self.scale
 
 
 def _on_grid(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor, groups: torch.Tensor) -> bool:
