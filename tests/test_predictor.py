@@ -74,6 +74,20 @@ def test_a_bin_without_enough_rows_borrows_the_nearest_fit():
     assert fitted.bins[0] == fitted.bins[1] == fitted.bins[2]
 
 
+def test_a_bin_of_decode_steps_needs_rows_only_for_the_terms_they_determine():
+    """Decode steps alone determine three coefficients (the intercept, per decode, per context token; the
+    prefill terms stay 0): four of them are enough for a bin of their own."""
+    def cost(s: BatchShape) -> float:
+        if s.num_tokens <= 6:
+            return 0.012 + 0.001 * s.num_decode_tokens + 1e-6 * s.decode_ctx
+        return 0.1 + 1e-3 * s.num_tokens
+    shapes = [BatchShape(0, d, c) for d, c in ((1, 300), (2, 900), (4, 1500), (5, 4000))]
+    shapes += [BatchShape(p, 8, 2000, p) for p in range(100, 400, 20)]
+    fitted = BatchTimePredictor.fit(shapes, [cost(s) for s in shapes], splits=(6, 512))
+    assert fitted.predict(0, 3, 2500) == pytest.approx(cost(BatchShape(0, 3, 2500)))
+    assert fitted.bins[0] != fitted.bins[1]
+
+
 def test_save_load_roundtrip(tmp_path):
     p = BatchTimePredictor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [0, 1, 0, 1, 0, 1]], splits=(6, 256),
                            meta={"model": "m"})

@@ -86,7 +86,8 @@ class BatchTimePredictor:
     @classmethod
     def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], splits: Sequence[int] = (DEFAULT_SPLIT,),
             meta: dict[str, Any] | None = None) -> BatchTimePredictor:
-        """Fit of each bin (``_relative_lstsq``); a bin with fewer rows than coefficients borrows the fit of
+        """Fit of each bin (``_relative_lstsq``); a bin with no more rows than the coefficients its rows can
+        determine (their features' rank: decode steps alone leave the prefill terms at 0) borrows the fit of
         the nearest bin that has enough (the next larger one first)."""
         x = np.array([s.features() for s in shapes], dtype=float)
         y = np.asarray(times, dtype=float)
@@ -94,7 +95,7 @@ class BatchTimePredictor:
             raise ValueError(f"need at least {MIN_PROFILE_ROWS} profile rows with one time each")
         which = np.searchsorted(np.asarray(splits), x[:, 1], side="left")  # bin index of each row
         fitted = {i: _relative_lstsq(x[which == i], y[which == i])
-                  for i in range(len(splits) + 1) if (which == i).sum() >= MIN_PROFILE_ROWS}
+                  for i in range(len(splits) + 1) if (which == i).sum() > np.linalg.matrix_rank(x[which == i])}
         if not fitted:
             return cls([_relative_lstsq(x, y)] * (len(splits) + 1), splits, meta)
         nearest = [min(fitted, key=lambda j, i=i: (abs(j - i), j < i)) for i in range(len(splits) + 1)]

@@ -34,6 +34,7 @@ class KVCache:
             gib = num_blocks * block_size * config.kv_bytes_per_token(dtype) / (1 << 30)
             raise ValueError(f"cannot allocate a {gib:.1f} GiB KV cache ({str(e).splitlines()[0]}); "
                              "give it less memory") from None
+        self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(config.num_layers)]  # views, made once
 
     @property
     def capacity_tokens(self) -> int:
@@ -45,4 +46,4 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer, each ``[num_blocks, block_size, kv_heads, head_dim]``."""
-        return self.data[index, 0], self.data[index, 1]
+        return self._layers[index]

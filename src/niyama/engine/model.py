@@ -128,7 +128,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.codes is not None and x.shape[0] <= self.SMALL_BATCH:
-            y = self.codes(x, self.kernels).to(torch.bfloat16)  # codes exist only with bf16 native kernels
+            y = self.codes(x, self.kernels)
+            y = y if y.dtype == torch.bfloat16 else y.to(torch.bfloat16)  # codes exist only with bf16 native kernels
             return y if self.bias is None else y + self.bias
         if self.packed:
             return packed_linear(x.to(torch.bfloat16), self.weight, self.bias)

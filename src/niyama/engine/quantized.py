@@ -35,7 +35,8 @@ class Int4Codes:
         self.scales_zeros = torch.stack((step, low + 8 * step), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+        x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
