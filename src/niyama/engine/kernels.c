@@ -132,6 +132,22 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
         for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] / sums[r]);
 }
 
+/* Read `ahead`'s memory (num_ahead ranges; this thread takes every `step`-th from `first`) into the cache
+ * until *pending (work other threads do meanwhile) reaches 0: memory is otherwise idle while they work. */
+static void read_ahead(const void *const *ahead, const int64_t *ahead_bytes, int32_t num_ahead, int32_t first,
+                       int32_t step, const int32_t *pending) {
+    for (int32_t a = first; a >= 0 && a < num_ahead; a += step)
+        for (int64_t at = 0; at < ahead_bytes[a]; at += 64) {
+            if (at % AHEAD_CHECK == 0) {
+                int32_t left;
+                #pragma omp atomic read
+                left = *pending;
+                if (!left) return;
+            }
+            __builtin_prefetch((const char *)ahead[a] + at, 0, 2);
+        }
+}
+
 /* q rows [num_seqs][kv_heads * group][dim] with a row stride; caches [num_blocks][block_size][kv_heads][dim];
  * block tables [num_seqs][table_width]; out rows like q. Returns 0, or -1 for shapes the kernel does not
  * take (head_dim > MAX_HEAD_DIM, more query heads than MAX_QUERY_ROWS). Sequences are spread over
@@ -153,18 +169,8 @@ int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
             #pragma omp atomic update
             pending--;
         }
-        /* A thread without a sequence meanwhile reads the memory the next steps will (their weights) into the
-         * cache, until the attention is done: memory is otherwise idle while it runs. */
-        for (int32_t a = tid - num_seqs; a >= 0 && a < num_ahead; a += team - num_seqs)
-            for (int64_t at = 0; at < ahead_bytes[a]; at += 64) {
-                if (at % AHEAD_CHECK == 0) {
-                    int32_t left;
-                    #pragma omp atomic read
-                    left = pending;
-                    if (!left) { a = num_ahead; break; }
-                }
-                __builtin_prefetch((const char *)ahead[a] + at, 0, 2);
-            }
+        /* A thread without a sequence meanwhile reads the memory the next steps will (their weights). */
+        if (tid >= num_seqs) read_ahead(ahead, ahead_bytes, num_ahead, tid - num_seqs, team - num_seqs, &pending);
     }
     return 0;
 }
