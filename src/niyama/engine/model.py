@@ -112,8 +112,8 @@ class Linear:
 
     PLAIN, PACKED, WIDE = "plain", "packed", "wide"
     # Rows up to which small batches take other kernels. WIDE: measured crossover on a 2-core AVX2 EPYC (all
-    # layers: 44 ms either way at 6 rows). Quantized, a whole decode step on a 2-core Xeon with AMX: 14.3 vs
-    # 24.9 ms bf16 at 1 row, 22.7 vs 27.4 at 6, 26.7 vs 28.8 at 8; the int4 kernel alone is slower from ~10.
+    # layers: 44 ms either way at 6 rows). Quantized, a whole decode step on a 2-core Xeon with AMX: 12.3 vs
+    # 24.4 ms bf16 at 1 row, 23.1 vs 26.9 at 6, 26.9 vs 28.5 at 8; the int4 kernel alone is slower from ~10.
     SMALL_BATCH = 6
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
@@ -235,7 +235,8 @@ class LlamaModel:
                 down=linear([mlp + "down_proj.weight"], [mlp + "down_proj.bias"], config.mlp_bias),
             ))
             layer = self.layers[-1]
-            ahead = tuple(t for x in (layer.o, layer.gate_up, layer.down) if x.codes for t in x.codes.tensors)
+            after = (layer.o.codes, layer.gate_up.codes, layer.down.codes)
+            ahead = tuple(t for codes in after if codes is not None for t in codes.tensors)
             layer.ahead = MemoryList(ahead) if ahead else None
         # The head's 8-bit codes, for small batches: exact float32 logits of the file's weights.
         head_codes = file_codes(head) if quantized else None
