@@ -132,11 +132,11 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
         for (int32_t d = 0; d < dim; d++) out[(int64_t)r * dim + d] = float_to_bf16(acc[r * dim + d] / sums[r]);
 }
 
-/* Read `ahead`'s memory (num_ahead ranges; this thread takes every `step`-th from `first`) into the cache
- * until *pending (work other threads do meanwhile) reaches 0: memory is otherwise idle while they work. */
-static void read_ahead(const void *const *ahead, const int64_t *ahead_bytes, int32_t num_ahead, int32_t first,
-                       int32_t step, const int32_t *pending) {
-    for (int32_t a = first; a >= 0 && a < num_ahead; a += step)
+/* Read `ahead`'s memory (num_ahead ranges, in order) into the cache until *pending (work other threads do
+ * meanwhile) reaches 0: memory is otherwise idle while they work. */
+static void read_ahead(const void *const *ahead, const int64_t *ahead_bytes, int32_t num_ahead,
+                       const int32_t *pending) {
+    for (int32_t a = 0; a < num_ahead; a++)
         for (int64_t at = 0; at < ahead_bytes[a]; at += 64) {
             if (at % AHEAD_CHECK == 0) {
                 int32_t left;
@@ -169,8 +169,8 @@ int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
             #pragma omp atomic update
             pending--;
         }
-        /* A thread without a sequence meanwhile reads the memory the next steps will (their weights). */
-        if (tid >= num_seqs) read_ahead(ahead, ahead_bytes, num_ahead, tid - num_seqs, team - num_seqs, &pending);
+        /* A thread done with its sequences meanwhile reads the memory the next steps will (their weights). */
+        read_ahead(ahead, ahead_bytes, num_ahead, &pending);
     }
     return 0;
 }

@@ -164,8 +164,8 @@ class Layer:
     mlp_norm: torch.Tensor
     gate_up: Linear  # [2 * intermediate, hidden]
     down: Linear
-    # What a small batch reads after its attention (the codes of o, gate_up and down): with one sequence to
-    # attend, the attention kernel's idle thread reads it into the cache meanwhile.
+    # What a small batch reads after its attention (the codes of o, gate_up and down): the attention kernel's
+    # threads read it into the cache once done with their sequences, while the others still attend.
     ahead: MemoryList | None = None
 
 

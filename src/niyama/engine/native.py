@@ -85,8 +85,8 @@ class NativeKernels:
         q ``[B, heads, head_dim]`` bf16 (rows may be strided); caches ``[blocks, block_size, kv_heads,
         head_dim]`` bf16; ``tables`` ``[B, width]`` int32 block tables; ``lens`` ``[B]`` int32 context
         lengths (the new token included); out ``[B, heads * head_dim]`` bf16 (rows may be strided).
-        ``ahead``: memory the next steps will read (weights); threads left without a sequence read it into
-        the cache until the attention is done, since memory is otherwise idle meanwhile.
+        ``ahead``: memory the next steps will read (weights); threads done with their sequences (or given
+        none) read it into the cache until all attention is done, since memory is otherwise idle meanwhile.
         """
         num_seqs, num_heads, head_dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
