@@ -56,15 +56,17 @@ def test_decode_attention_matches_float32_attention_over_gathered_blocks(block_s
     assert not out[len(lens)].any()  # nothing written past the batch
 
 
-def test_one_sequences_attention_is_the_same_while_an_idle_thread_reads_ahead():
-    """With fewer sequences than threads, the idle threads read the given memory into the cache meanwhile
-    (stopping once attention is done); the result does not change."""
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_attention_is_the_same_while_threads_done_with_their_sequences_read_ahead(num_seqs):
+    """Threads done with their sequences (or given none) read the given memory into the cache until all
+    attention is done; the result does not change."""
     torch.manual_seed(5)
-    k_cache, v_cache = torch.randn(2, 50, 16, 3, 64).bfloat16()
-    tables, lens = torch.arange(50, dtype=torch.int32)[None], torch.tensor([790], dtype=torch.int32)
-    q = torch.randn(1, 9, 64).bfloat16()
+    k_cache, v_cache = torch.randn(2, 150, 16, 3, 64).bfloat16()
+    tables = torch.randperm(150, dtype=torch.int32)[:num_seqs * 50].view(num_seqs, 50)
+    lens = torch.tensor([790, 17, 400][:num_seqs], dtype=torch.int32)
+    q = torch.randn(num_seqs, 9, 64).bfloat16()
     ahead = native.MemoryList((torch.randn(1 << 20), torch.zeros(3, dtype=torch.int8)))
-    alone, read_ahead = torch.empty(2, 1, 9 * 64, dtype=torch.bfloat16)
+    alone, read_ahead = torch.empty(2, num_seqs, 9 * 64, dtype=torch.bfloat16)
     kernels.decode_attention(q, k_cache, v_cache, tables, lens, alone)
     threads = torch.get_num_threads()
     try:
