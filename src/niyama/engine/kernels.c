@@ -345,6 +345,14 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+#ifdef __AVX512F__
+/* Weights 16 * half .. 16 * half + 15 of group g, widened: scale times code. */
+static inline __m512 q8_widen(const int8_t *q, const uint16_t *scale, int64_t g, int half) {
+    return _mm512_mul_ps(_mm512_set1_ps(half_to_float(scale[g])), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP + 16 * half)))));
+}
+#endif
+
 /* One output for `rows` rows; `rows` is a compile-time constant where inlined, so the accumulators stay in
  * registers. Two groups at a time go to separate accumulators, so that the FMA chains overlap. */
 static inline void q8_row(const float *x, int64_t rows, int64_t in, const int8_t *q, const uint16_t *scale, float *y,
@@ -355,22 +363,15 @@ static inline void q8_row(const float *x, int64_t rows, int64_t in, const int8_t
     for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 1 < groups; g += 2) {
-        __m512 w[4];
-        for (int h = 0; h < 2; h++) {
-            const __m512 s = _mm512_set1_ps(half_to_float(scale[g + h]));
-            for (int half = 0; half < 2; half++)
-                w[2 * h + half] = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm_loadu_si128((const __m128i *)(q + (g + h) * Q8_GROUP + 16 * half)))));
-        }
+        const __m512 w[4] = {q8_widen(q, scale, g, 0), q8_widen(q, scale, g, 1), q8_widen(q, scale, g + 1, 0),
+                             q8_widen(q, scale, g + 1, 1)};
         for (int64_t r = 0; r < rows; r++)
             for (int j = 0; j < 4; j++)
                 acc[r][j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + r * in + g * Q8_GROUP + 16 * j), acc[r][j]);
     }
     for (; g < groups; g++) {
-        const __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
         for (int half = 0; half < 2; half++) {
-            const __m512 w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_loadu_si128((const __m128i *)(q + g * Q8_GROUP + 16 * half)))));
+            const __m512 w = q8_widen(q, scale, g, half);
             for (int64_t r = 0; r < rows; r++)
                 acc[r][half] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * in + g * Q8_GROUP + 16 * half), acc[r][half]);
         }

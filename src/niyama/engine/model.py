@@ -123,7 +123,7 @@ class Linear:
         self.bias = bias
         self.weight32 = weight.float() if layout == self.WIDE else None
         self.bias32 = None if bias is None or self.weight32 is None else bias.float()
-        self.codes = codes if kernels is not None else None
+        self.codes = codes
         self.kernels = kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
