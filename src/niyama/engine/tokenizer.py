@@ -1,11 +1,20 @@
-"""Tokenizer and chat template from the model's own files (GGUF metadata or a Hugging Face directory)."""
+"""Tokenizer and chat template from the model's own files (GGUF metadata or a Hugging Face directory).
+
+Building a tokenizer from GGUF metadata takes transformers ~7 s (it parses every token and merge of the
+file's metadata); the result is saved once in Hugging Face format in the cache directory, keyed by the
+file and the transformers version, and later loads read that (well under a second).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from niyama.cache import cache_dir
 from niyama.engine.weights import resolve_model_path
 
 
@@ -17,8 +26,13 @@ class Tokenizer:
         path = resolve_model_path(model)
         if path.is_dir():
             self._tok = AutoTokenizer.from_pretrained(str(path))
-        else:
-            self._tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return
+        saved = saved_path(path)
+        if saved.is_dir():
+            self._tok = AutoTokenizer.from_pretrained(str(saved))
+            return
+        self._tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        self._save_atomically(saved)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -43,3 +57,25 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         """Write the tokenizer (and its chat template) in Hugging Face format."""
         self._tok.save_pretrained(str(folder))
+
+    def _save_atomically(self, folder: Path) -> None:
+        """Save into ``folder`` whole or not at all (another process may be saving the same one)."""
+        tmp = None
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+            self.save(tmp)
+            tmp.rename(folder)
+        except OSError:  # saved meanwhile by another process, or the cache is not writable: next time, again
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def saved_path(gguf_file: Path) -> Path:
+    """Where the tokenizer of a GGUF file is saved: keyed by the file (path, size, modification time) and the
+    transformers version that built it."""
+    import transformers
+
+    stat = gguf_file.resolve().stat()
+    key = "\0".join([str(gguf_file.resolve()), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__])
+    return cache_dir() / "tokenizers" / f"{gguf_file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
