@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import subprocess
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from niyama.cache import cache_dir
+from niyama.cache import cache_dir, digest
 from niyama.engine.config import cpu_info
 
 if TYPE_CHECKING:
@@ -172,8 +171,7 @@ class NativeKernels:
 def library_path() -> Path:
     """Where this machine's build lives: keyed by the source, the flags and the CPU."""
     cpu = cpu_info()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, cpu.get("model name", ""),
-                                    cpu.get("flags", "")]).encode()).hexdigest()[:16]
+    key = digest(SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, cpu.get("model name", ""), cpu.get("flags", ""))
     return cache_dir() / "kernels" / f"kernels-{key}.so"
 
 
