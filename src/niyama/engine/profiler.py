@@ -32,7 +32,7 @@ from niyama.request import Request
 from niyama.scheduler.batch import Batch
 
 _QOS = QoS(name="profile", ttlt=3600.0)
-DECODE_COUNTS = (0, 1, 2, 4, 8, 16, 32, 64)
+DECODE_COUNTS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # up to `niyama serve`'s running requests
 CHUNK_SIZES = (8, 32, 64, 128, 256, 512, 1024, 2048)
 TINY_EVERY = 3  # with a small-batch path, one profiled batch in this many is that small
 

@@ -16,6 +16,10 @@ from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
 NEEDS_PREDICTOR = ("niyama", "edf")
+# Running requests at once. A cap that binds costs Niyama capacity (the simulator with this CPU's profile and
+# live A/B points, docs/benchmarks.md): a slot stays taken until its request finishes, and with 64, at 18 req/s
+# of the live evaluation's workload, requests that could still have made their deadline waited for slots.
+DEFAULT_MAX_NUM_SEQS = 128
 T = TypeVar("T")
 
 
@@ -31,7 +35,8 @@ def register(subparsers) -> None:
                    help="TOML of QoS classes and [service_tiers] (default: the paper's A100 classes; for "
                    "the 2-core CPU default use configs/cpu-smollm2.toml, as `make serve` does)")
     p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
-    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="most requests running at once")
+    p.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS,
+                   help="most requests running at once")
     p.add_argument("--max-queued-requests", type=positive_int, default=1024,
                    help="waiting requests beyond which new ones get 429")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
