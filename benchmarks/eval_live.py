@@ -43,7 +43,7 @@ from niyama.cli import build_parser
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
-from niyama.server.commands import DEFAULT_MAX_NUM_SEQS
+from niyama.server.commands import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from niyama.sim import plots
 from niyama.sim.capacity import CapacityResult
 from niyama.sim.experiments import Setup, capacities
@@ -55,7 +55,7 @@ QOS_CONFIG = ROOT / "configs" / "cpu-smollm2-eval.toml"
 TRACE, LENGTH_SCALE, SEED = "azure_conv", 0.1, 0
 CALIBRATION_SEED = 1  # the calibration run's workload: other requests than the capacity searches'
 OUR_PORT = 8100
-MAX_BATCHED_TOKENS = 512  # `niyama serve`'s default, mirrored in the simulator
+MAX_BATCHED_TOKENS = DEFAULT_MAX_NUM_BATCHED_TOKENS  # `niyama serve`'s, mirrored in the simulator
 SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
 VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
 OVERLOAD = 1.5

@@ -20,6 +20,7 @@ NEEDS_PREDICTOR = ("niyama", "edf")
 # live A/B points, docs/benchmarks.md): a slot stays taken until its request finishes, and with 64, at 18 req/s
 # of the live evaluation's workload, requests that could still have made their deadline waited for slots.
 DEFAULT_MAX_NUM_SEQS = 128
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 T = TypeVar("T")
 
 
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
                    help="most requests running at once")
     p.add_argument("--max-queued-requests", type=positive_int, default=1024,
                    help="waiting requests beyond which new ones get 429")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                    help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
     p.add_argument("--host", default="127.0.0.1")
