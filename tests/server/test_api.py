@@ -109,17 +109,21 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"n": 2}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 100_000}, "max_tokens"),
-    ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"seed": 1 << 64}, "seed"),
     ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
     ({"max_tokens": "5"}, "max_tokens"),  # integers are JSON integers
     ({"logprobs": True}, "logprobs"),  # not implemented: refused rather than silently ignored
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"extra_body": {"top_k": -2}}, "top_k"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream=True, as OpenAI
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type"),  # not dropped silently: the model reads text only
 ])
 def test_bad_requests(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
-        server.client().chat.completions.create(model=server.model, messages=HI, **kwargs)
+        server.client().chat.completions.create(**{"model": server.model, "messages": HI, **kwargs})
     assert e.value.status_code == 400
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
     assert e.value.body["message"]
@@ -132,6 +136,36 @@ def test_unknown_model(server):
     assert server.client().models.retrieve(server.model).id == server.model
     with pytest.raises(openai.NotFoundError):
         server.client().models.retrieve("gpt-5")
+
+
+def test_unknown_model_is_refused_before_the_prompt_is_read(server):
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="gpt-5", prompt=[1, 99_999_999], max_tokens=2)
+
+
+def test_service_tier_echo(server):
+    """The default class is also the one the "priority" tier maps to; a request that asked for no tier (or
+    "auto") must not be told it was served (and billed) as "priority"."""
+    client = server.client()
+    for asked, echoed in ((None, "default"), ("auto", "default"), ("default", "default"), ("priority", "priority"),
+                          ("flex", "flex")):
+        kwargs = {} if asked is None else {"service_tier": asked}
+        assert client.chat.completions.create(model=server.model, messages=HI, max_tokens=1,
+                                              **kwargs).service_tier == echoed
+        chunks = list(client.chat.completions.create(model=server.model, messages=HI, max_tokens=1, stream=True,
+                                                     **kwargs))
+        assert {c.service_tier for c in chunks} == {echoed}
+
+
+def test_vllm_style_parameters(server):
+    """``top_k=-1`` (vLLM's "no limit") and a batch of one token-id prompt are taken; ``logprobs=0`` asks for
+    the sampled tokens' logprobs, which this server does not give, so it is refused rather than ignored."""
+    client = server.client()
+    r = client.completions.create(model=server.model, prompt=[[1, 2, 3]], max_tokens=2, extra_body={"top_k": -1})
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model, prompt="hi", max_tokens=2, logprobs=0)
+    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
 
 
 def test_legacy_completions_default_to_16_tokens(server):
@@ -165,6 +199,10 @@ def test_malformed_bodies_and_routes_get_openai_errors(server):
     surrogate = httpx.post(chat, content=b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
                            % server.model.encode(), headers={"Content-Type": "application/json"})
     assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "messages"
+    # ... and quoted back in an error message it must not turn a 400 into a 500.
+    key = httpx.post(chat, content=b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+                     b'"qos": {"\\ud800": 1}}' % server.model.encode(), headers={"Content-Type": "application/json"})
+    assert key.status_code == 400 and key.json()["error"]["code"] == "invalid_qos"
     wizard = httpx.post(chat, json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}]})
     assert wizard.status_code == 400 and wizard.json()["error"]["param"] == "messages.0.role"
     for response in (httpx.get(f"{server.url}/v1/nope"), httpx.get(chat)):

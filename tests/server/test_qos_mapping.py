@@ -52,6 +52,10 @@ def test_tier_echo(policy):
     assert policy.tier_of(policy.resolve("batch-30m", None, "auto"), "auto") == "default"
     # The class that serves the request decides: a qos field overriding the tier is what the client gets.
     assert policy.tier_of(policy.resolve("interactive", None, "flex"), "flex") == "priority"
+    # The default class is also the one "priority" maps to: a request that did not ask for it is "default".
+    assert policy.tier_of(policy.resolve(None, None, None), None) == "default"
+    assert policy.tier_of(policy.resolve(None, None, "default"), "default") == "default"
+    assert policy.tier_of(policy.resolve(None, None, "priority"), "priority") == "priority"
 
 
 def test_builtin_classes_map_tiers():

@@ -45,8 +45,11 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII-escaped JSON: a message may quote the client's own text, lone surrogates included, which
+        # JSONResponse's UTF-8 encoding cannot carry.
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
 
 @dataclass
@@ -70,11 +73,11 @@ def create_app(state: ServerState) -> FastAPI:
                   description="OpenAI-compatible LLM server with per-request QoS (TTFT/TBT/TTLT deadlines).")
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
+    async def api_error(_: Request, e: APIError) -> Response:
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {err['ctx']['error']}").response()
@@ -82,12 +85,12 @@ def create_app(state: ServerState) -> FastAPI:
         return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param).response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(_: Request, e: HTTPException) -> Response:
         code = "not_found" if e.status_code == 404 else None
         return APIError(e.status_code, str(e.detail), code=code, headers=e.headers).response()
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+    async def internal_error(_: Request, e: Exception) -> Response:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
     @app.get("/health")
@@ -117,24 +120,29 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request,
                                x_niyama_qos: str | None = Header(default=None)) -> Response:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if not messages:
+        _check_request(state, body)
+        if not body.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        _check_supported(body)
+        for i, m in enumerate(body.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise APIError(400, f"content parts of type {part.type!r} are not supported (this model "
+                                       "reads text only)", f"messages.{i}.content.{j}.type",
+                                       "unsupported_parameter")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await _tokenize(state.tokenizer.chat, messages, "messages")
         return await _complete(state, http, body, ids, x_niyama_qos, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request,
                           x_niyama_qos: str | None = Header(default=None)) -> Response:
+        _check_request(state, body)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):  # a list of prompts
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        _check_supported(body)
         ids = await _tokenize(state.tokenizer.encode, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
         if bad:
@@ -149,9 +157,14 @@ def _unknown_model(model: str, served: str) -> APIError:
     return APIError(404, f"the model {model!r} does not exist (served: {served!r})", "model", "model_not_found")
 
 
-def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
+def _check_request(state: ServerState, body: ChatCompletionRequest | CompletionRequest) -> None:
+    """What can be refused before the prompt is read: the model name, unimplemented fields, stream options."""
+    if body.model != state.model_name:
+        raise _unknown_model(body.model, state.model_name)
     if field := body.unsupported():
         raise APIError(400, f"{field} is not supported by this server", field, "unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
 
 async def _tokenize(tokenize: Callable[[Any], list[int]], text: Any, param: str) -> list[int]:
@@ -172,8 +185,8 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
         raise APIError(400, f"temperature must be in [0, 2], got {body.temperature}", "temperature")
     if not 0 < body.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", "top_p")
-    if body.top_k < 0:
-        raise APIError(400, f"top_k must be >= 0, got {body.top_k}", "top_k")
+    if body.top_k < -1:
+        raise APIError(400, f"top_k must be >= 0 (or -1, as vLLM takes it: no limit), got {body.top_k}", "top_k")
     if body.seed is not None and body.seed not in SEED_RANGE:
         raise APIError(400, f"seed must be in [-2^63, 2^64), got {body.seed}", "seed")
     if num_prompt_tokens < 1:
@@ -182,21 +195,24 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
         raise APIError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is "
                        f"{max_model_len}", "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                        "context_length_exceeded")
-    max_tokens = body.max_tokens if body.max_tokens is not None else max_model_len - num_prompt_tokens
+    name, max_tokens = "max_tokens", body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        name, max_tokens = "max_completion_tokens", body.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = max_model_len - num_prompt_tokens
     if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        raise APIError(400, f"{name} must be at least 1, got {max_tokens}", name)
     if num_prompt_tokens + max_tokens > max_model_len:
-        raise APIError(400, f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds this "
-                       f"model's context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        raise APIError(400, f"prompt ({num_prompt_tokens} tokens) + {name} ({max_tokens}) exceeds this "
+                       f"model's context of {max_model_len} tokens", name, "context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          top_k=max(body.top_k, 0),
                           seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos)
 
 
 async def _complete(state: ServerState, http: Request, body: SamplingRequest, prompt_ids: list[int],
                     header: str | None, chat: bool) -> Response:
-    if body.model != state.model_name:
-        raise _unknown_model(body.model, state.model_name)
     params = _sampling_params(body, len(prompt_ids), state.max_model_len)
     try:
         qos = state.policy.resolve(body.qos, header, body.service_tier)

@@ -27,7 +27,7 @@ class SamplingRequest(BaseModel):
     max_tokens: StrictInt | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: StrictInt = Field(default=0, description="vLLM extension; 0 = no limit")
+    top_k: StrictInt = Field(default=0, description="vLLM extension; 0 (or -1) = no limit")
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     n: StrictInt = 1
@@ -61,7 +61,7 @@ class SamplingRequest(BaseModel):
 
 
 class ContentPart(BaseModel):
-    """One part of a multi-part message; only text parts are read (others, e.g. images, are ignored)."""
+    """One part of a multi-part message; only text parts are supported (others, e.g. images, are refused)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -99,7 +99,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[StrictInt]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16  # OpenAI's (and vLLM's) default for legacy completions
     logprobs: StrictInt | None = None
     echo: bool | None = None
@@ -107,7 +107,9 @@ class CompletionRequest(SamplingRequest):
     best_of: StrictInt | None = None
 
     def unsupported(self) -> str | None:
-        for name in ("logprobs", "echo", "suffix"):
+        if self.logprobs is not None:  # 0 asks for the sampled tokens' logprobs
+            return "logprobs"
+        for name in ("echo", "suffix"):
             if getattr(self, name):
                 return name
         return "best_of" if self.best_of not in (None, 1) else super().unsupported()

@@ -30,6 +30,8 @@ class QoSPolicy:
         classes = QoSClasses.from_dict(data)
         known = set(classes)
         tiers = data.get("service_tiers", {k: v for k, v in DEFAULT_TIER_MAP.items() if v in known})
+        if not isinstance(tiers, Mapping):
+            raise QoSError("[service_tiers] must be a table of tier = class", "service_tiers")
         for tier, name in tiers.items():
             if tier not in SERVICE_TIERS:
                 raise QoSError(f"unknown service tier {tier!r} in [service_tiers] "
@@ -71,10 +73,10 @@ class QoSPolicy:
             raise QoSError(str(e), f"qos.{e.field}" if e.field else "qos") from None
 
     def tier_of(self, qos: QoS, service_tier: str | None) -> str:
-        """The ``service_tier`` echoed in responses: the tier that serves the class actually used (a ``qos``
-        field or header may override the tier asked for), else the one asked for, ``auto`` resolved to
-        ``default`` as OpenAI does."""
-        mapped = next((t for t, c in self.service_tiers.items() if c == qos.name), None)
-        if mapped is not None:
-            return mapped
-        return service_tier if service_tier not in (None, "auto") else "default"
+        """The ``service_tier`` echoed in responses: the one asked for (``auto`` or none: ``default``, as
+        OpenAI does) when it serves the class actually used, else a tier that serves that class (a ``qos``
+        field or header may override the tier asked for), else the one asked for."""
+        asked = "default" if service_tier in (None, "auto") else service_tier
+        if self.service_tiers.get(asked, self.classes.default) == qos.name:
+            return asked
+        return next((t for t, c in self.service_tiers.items() if c == qos.name), asked)
