@@ -14,7 +14,7 @@ import pytest
 
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
 from niyama.qos import QoS
-from niyama.request import Request
+from niyama.request import FinishReason, Request
 from niyama.server.app import _stream
 from niyama.server.async_engine import AsyncEngine, QueueFull, Unavailable
 from niyama.server.metrics import Metrics
@@ -99,3 +99,29 @@ def test_a_stream_left_before_its_outputs_are_read_aborts_its_request():
         return aborted
 
     assert asyncio.run(main()) == [1]
+
+
+def test_ending_open_requests_aborts_them_in_the_engine():
+    """At shutdown each open request hears ``Unavailable``; its request used to go on in the engine, holding
+    its KV blocks, because the stream counted the error as the request's end and never aborted it."""
+    core = LLMEngine(EngineConfig(kv_cache_memory=16 << 20)).core
+    request = Request("r", 0.0, QoS("x", ttlt=600.0), 3, 500, [1, 2, 3])
+
+    async def main() -> None:
+        engine = AsyncEngine(core, Metrics("test"), max_queued_requests=8)
+        engine.start()
+        outputs = engine.submit(request, SamplingParams(max_tokens=500, ignore_eos=True))
+        await anext(outputs)  # running
+        engine.end_open_requests()
+        with pytest.raises(Unavailable):
+            while True:
+                await anext(outputs)
+        for _ in range(600):  # the loop aborts it before its next iteration
+            if request.finish_reason is not None:
+                break
+            await asyncio.sleep(0.05)
+        engine.stop()
+
+    asyncio.run(main())
+    assert request.finish_reason is FinishReason.ABORT and request.num_output_tokens < 500
+    assert core.scheduler.num_running == 0 and core.kv.usage == 0

@@ -96,11 +96,13 @@ class AsyncEngine:
         return self._outputs(request.request_id, queue)
 
     def end_open_requests(self) -> None:
-        """(Event-loop side.) End every open request with ``Unavailable``: its client hears why, and the
-        loop aborts the request once the client's side lets go of it."""
+        """(Event-loop side.) End every open request with ``Unavailable``, so that its client hears why, and
+        abort it in the loop (its KV blocks freed before the next iteration)."""
         with self._cond:
-            queues = list(self._streams.values())
-        for queue in queues:
+            open_requests = list(self._streams.items())
+            self._aborts.extend(rid for rid, _ in open_requests)
+            self._cond.notify()
+        for _, queue in open_requests:
             queue.put_nowait(Unavailable("the server is shutting down"))
 
     async def _outputs(self, rid: str, queue: asyncio.Queue[StepOutput | BaseException]
