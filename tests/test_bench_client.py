@@ -20,7 +20,7 @@ from niyama.sim.workload import RequestSpec
 
 CLASSES = QoSClasses.from_dict({"default": "chat", "classes": {
     "chat": {"ttft": 5.0, "tbt": 1.0}, "batch": {"ttlt": 30.0}}})
-GOOD, HTTP_ERROR, NO_DONE, SHORT, FLAT_ERROR, HANG, MALFORMED = 4, 1, 2, 3, 5, 6, 7
+GOOD, HTTP_ERROR, NO_DONE, SHORT, FLAT_ERROR, HANG, MALFORMED, SILENT_ERROR = 4, 1, 2, 3, 5, 6, 7, 8
 
 
 def _event(payload: dict) -> bytes:
@@ -39,6 +39,9 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if n == FLAT_ERROR:
         await resp.write(_event({"object": "error", "message": "vllm says no"}))
+        return resp
+    if n == SILENT_ERROR:  # an error event with an empty message once counted as a success
+        await resp.write(_event({"object": "error", "message": ""}))
         return resp
     if n == MALFORMED:
         await resp.write(b"data: {not json\n\n")
@@ -80,7 +83,7 @@ def fake_server():
 
 
 def test_failures_are_recorded_and_a_hung_stream_is_cut_by_the_drain_timeout(fake_server):
-    kinds = [GOOD, HTTP_ERROR, NO_DONE, SHORT, FLAT_ERROR, HANG, MALFORMED]
+    kinds = [GOOD, HTTP_ERROR, NO_DONE, SHORT, FLAT_ERROR, HANG, MALFORMED, SILENT_ERROR]
     specs = [RequestSpec(0.01 * i, 8, n, "batch", Importance.STANDARD) for i, n in enumerate(kinds)]
 
     async def main():
@@ -102,6 +105,7 @@ def test_failures_are_recorded_and_a_hung_stream_is_cut_by_the_drain_timeout(fak
     assert "stopped at 1 of 3 tokens" in by_kind[SHORT].error
     assert by_kind[FLAT_ERROR].error == "vllm says no"
     assert by_kind[MALFORMED].error.startswith("bad stream event")
+    assert by_kind[SILENT_ERROR].error == "an error event without a message"
     hung = by_kind[HANG]
     assert hung.cancelled and hung.error is None and hung.finished is None and len(hung.chunk_times) == 1
     assert all(r.ended is not None for r in run.results)

@@ -112,7 +112,13 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
     binary.write_bytes(b"\xff\xfe,a\n")
     infinite = tmp_path / "inf.json"
     infinite.write_text(json.dumps({"splits": [512], "bins": [[1, 0, 0, 0, 0, 0], [float("inf"), 0, 0, 0, 0, 0]]}))
+    short_rows = tmp_path / "short.csv"  # a header with more columns than the rows
+    short_rows.write_text("num_prefill_tokens,num_decode_tokens,arrived_at\n100,20\n200,30\n")
+    typo = tmp_path / "typo.toml"  # a misspelt top-level key once went unnoticed
+    typo.write_text('scael = 10\n[classes.a]\nttft = 1\ntbt = 0.1\n')
     for args, message in [(["--trace", str(empty)], "has no rows"),
+                          (["--trace", str(short_rows)], "its rows have 2 columns, its header 3"),
+                          (["--qos-config", str(typo)], "unknown key(s) scael"),
                           (["--trace", str(nan)], "row 2 holds a value that is not a finite number"),
                           (["--trace", str(unsorted)], "arrived_at goes back in time at row 2"),
                           (["--trace", str(binary)], "is not UTF-8 text"),
@@ -121,6 +127,49 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
         p = niyama("simulate", "--rate", "1", "--duration", "5", "--output-dir", str(tmp_path), *args)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["simulate", "--rate", "3", "--duration", "1e308"],
+    ["bench", "--rate", "3", "--cv", "1e-200", "--base-url", "http://127.0.0.1:9/v1"],
+])
+def test_numbers_too_large_to_work_with_are_one_line(tmp_path, args):
+    p = niyama(*args, "--output-dir", str(tmp_path))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "out of range" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--service-tiers", "interactive=flex"], "--service-tiers applies only with --qos-mode service-tier"),
+    (["--qos-mode", "niyama", "--priorities", "interactive=0"], "--priorities applies only with --qos-mode priority"),
+    (["--trace", "azure_conv", "--input-len", "7"], "--input-len applies only with --trace synthetic"),
+])
+def test_bench_refuses_options_it_would_ignore(tmp_path, args, message):
+    p = niyama("bench", "--base-url", "http://127.0.0.1:9/v1", "--rate", "1", "--output-dir", str(tmp_path), *args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+
+
+def test_iteration_log_from_a_bad_file_is_one_line(tmp_path):
+    rows = {"num_prefill_tokens": 10, "num_decode_tokens": 2, "decode_ctx": 40, "prefill_ctx": 10, "seconds": 0.01}
+    for line, message in [("[1, 2]", "line 3: not an iteration"),
+                          (json.dumps({**rows, "num_prefill_tokens": "a"}), "line 3: batch sizes must be numbers"),
+                          (json.dumps({**rows, "seconds": -1}), "line 3: batch sizes must be numbers"),
+                          (json.dumps({**rows, "seconds": None}), "line 3: batch sizes must be numbers")]:
+        log = tmp_path / "log.jsonl"
+        log.write_text(f"{json.dumps(rows)}\n{json.dumps(rows)}\n{line}\n")
+        p = niyama("profile", "--from-log", str(log), "-o", str(tmp_path / "p.json"))
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+        assert not (tmp_path / "p.json").exists()
+
+
+def test_serve_refuses_a_bad_profile_or_log_path_before_loading_the_model(tmp_path):
+    for args, message in [(["--profile", str(tmp_path / "none.json")], "cannot read profile"),
+                          (["--iteration-log", "/nonexistent-dir/log.jsonl"], "no such directory: /nonexistent-dir")]:
+        p = niyama("serve", "--port", str(_free_port()), *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and message in lines[-1] and "loading" not in p.stderr, p.stderr
 
 
 def test_serve_on_a_port_in_use_fails_before_loading_the_model():

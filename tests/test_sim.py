@@ -82,6 +82,23 @@ def test_capacity_search_brackets_bisects_and_interpolates():
     assert interpolate((2.0, 0.0), (4.0, 2.0), 1.0) == 3.0
 
 
+def test_capacity_search_ends_at_float_resolution_for_a_tiny_tolerance():
+    calls = []
+    res = find_capacity(lambda rate: calls.append(rate) or (0.0 if rate <= 3.3 else 50.0), start=1.0, rel_tol=1e-20)
+    assert res.capacity == pytest.approx(3.3) and len(calls) < 100
+
+
+def test_report_links_images_relative_to_the_report(tmp_path):
+    from niyama.sim.reproduce import Report
+
+    report = Report(tmp_path / "exp", tmp_path / "exp-report.md")
+    report.image(tmp_path / "exp" / "sim-ablation.png", "ablation")
+    assert "![ablation](exp/sim-ablation.png)" in report.lines
+    beside = Report(tmp_path, tmp_path / "report.md")
+    beside.image(tmp_path / "sim-ablation.png", "ablation")
+    assert "![ablation](sim-ablation.png)" in beside.lines
+
+
 def test_capacity_zero_when_nothing_passes():
     assert find_capacity(lambda rate: 50.0, start=1.0).capacity == 0.0
 

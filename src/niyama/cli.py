@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         print(f"niyama: error: {e}", file=sys.stderr)
         return 2
+    except (ArithmeticError, MemoryError) as e:  # e.g. --duration 1e308: numbers too large to work with
+        _end_progress_bars()
+        print(f"niyama: error: a value is out of range ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # With no bar to close, the cursor is likely mid-line: after the terminal's "^C", or after a bar
         # that Ctrl-C caught while it was being built (it is then gone without its closing newline).

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 CLASS_FIELDS = frozenset({"ttft", "tbt", "ttlt", "importance"})  # what a class (or a request) may set
+CONFIG_KEYS = frozenset({"classes", "default", "scale", "service_tiers"})  # a config file's top level
 
 
 class QoSError(ValueError):
@@ -149,7 +150,12 @@ class QoSClasses(Mapping[str, QoS]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QoSClasses:
-        """Parse ``{default = "...", scale = 1.0, classes = {name = {ttft, tbt | ttlt, importance}}}``."""
+        """Parse ``{default = "...", scale = 1.0, classes = {name = {ttft, tbt | ttlt, importance}}}`` (and
+        ``service_tiers``, which the server reads)."""
+        unknown = sorted(set(data) - CONFIG_KEYS)
+        if unknown:  # a misspelt ``scale`` or ``default`` would otherwise go unnoticed
+            raise QoSError(f"QoS config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})",
+                           unknown[0])
         raw = data.get("classes")
         if not isinstance(raw, Mapping) or not raw:
             raise QoSError("QoS config needs a non-empty [classes] table", "classes")

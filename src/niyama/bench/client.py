@@ -154,7 +154,8 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
                 event = json.loads(data)
                 if "error" in event or event.get("object") == "error":  # OpenAI's shape, or vLLM's flat one
                     err = event.get("error", event)
-                    result.error = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
+                    message = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
+                    result.error = message or "an error event without a message"
                     return
                 if _chunk_text(event):
                     result.chunk_times.append(now)

@@ -50,8 +50,8 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(w, "--trace", default="azure_conv",
            help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
            "with --input-len/--output-len (default: azure_conv)")
-    add(w, "--input-len", type=positive_int, default=128, help="prompt tokens of --trace synthetic")
-    add(w, "--output-len", type=positive_int, default=128, help="output tokens of --trace synthetic")
+    add(w, "--input-len", type=positive_int, default=None, help="prompt tokens of --trace synthetic (default 128)")
+    add(w, "--output-len", type=positive_int, default=None, help="output tokens of --trace synthetic (default 128)")
     add(w, "--cv", type=positive, default=1.0,
            help="burstiness: gamma inter-arrivals with this coefficient of variation (1 = Poisson)")
     add(w, "--duration", type=positive, default=120.0,
@@ -99,8 +99,23 @@ def register(subparsers) -> None:
     c.set_defaults(func=cmd_capacity)
 
 
+SYNTHETIC_LEN = 128  # --input-len and --output-len by default
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Options that only apply with another one: refused, rather than silently ignored, without it."""
+    needs = [("--service-tiers", args.service_tiers, "--qos-mode service-tier", args.qos_mode == "service-tier"),
+             ("--priorities", args.priorities, "--qos-mode priority", args.qos_mode == "priority"),
+             ("--input-len", args.input_len, "--trace synthetic", args.trace == "synthetic"),
+             ("--output-len", args.output_len, "--trace synthetic", args.trace == "synthetic")]
+    for option, value, other, given in needs:
+        if value is not None and not given:
+            raise ValueError(f"{option} applies only with {other}")
+
+
 def workload(args: argparse.Namespace, classes: QoSClasses, rate: float | None) -> WorkloadSpec:
-    synthetic = (args.input_len, args.output_len) if args.trace == "synthetic" else None
+    synthetic = ((args.input_len or SYNTHETIC_LEN, args.output_len or SYNTHETIC_LEN) if args.trace == "synthetic"
+                 else None)
     num = args.num_requests or (None if synthetic and not rate else requests_in(args.trace, args.duration, rate))
     return WorkloadSpec(trace=args.trace, rate=rate, num_requests=num, cv=args.cv,
                         class_mix=args.class_mix or {n: 1.0 for n in classes}, importance_mix=args.importance_mix,
@@ -145,6 +160,7 @@ def _check_any_succeeded(summary: dict[str, Any], stem: Path) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from niyama.sim.report import format_summary
 
+    check_options(args)
     classes = QoSClasses.load(args.qos_config)
     ensure_writable_dir(args.output_dir)
     specs = build_workload(workload(args, classes, args.rate))
@@ -166,6 +182,7 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
     from niyama.sim.capacity import find_capacity
     from niyama.sim.report import max_class_violation
 
+    check_options(args)
     if args.stop_at <= args.threshold:
         raise ValueError(f"--stop-at ({args.stop_at}) must be above --threshold ({args.threshold})")
     runs: list[dict[str, Any]] = []

@@ -60,7 +60,7 @@ def run_rows(run: RunResult, classes: QoSClasses) -> list[dict[str, Any]]:
 
 def run_summary(run: RunResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(rows, run.duration)
-    summary["errors"] = sum(1 for r in rows if r["error"])
+    summary["errors"] = sum(1 for r in rows if r["error"] is not None)
     summary["cancelled"] = sum(1 for r in rows if r["cancelled"])
     summary["planned_requests"] = len(run.results)
     summary["stop_reason"] = run.stop_reason

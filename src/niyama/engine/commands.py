@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +115,7 @@ def _logged_iterations(log: str, base: str | None) -> tuple[ProfileResult, dict[
 
     try:
         result = read_iteration_log(log)
-    except (KeyError, json.JSONDecodeError) as e:
+    except ValueError as e:
         raise ValueError(f"{log} is not an iteration log (niyama serve --iteration-log): {e}") from None
     meta = {}
     if base:

@@ -134,15 +134,28 @@ def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
     }
 
 
+LOG_FIELDS = ("num_prefill_tokens", "num_decode_tokens", "decode_ctx", "prefill_ctx")
+
+
 def read_iteration_log(path: str | Path) -> ProfileResult:
-    """The rows of a server's iteration log (``niyama serve --iteration-log``): shapes and times."""
+    """The rows of a server's iteration log (``niyama serve --iteration-log``): shapes and times. A row that
+    is not one (a missing field, a value that is not a number >= 0, a time that is not > 0) is a ValueError
+    naming its line."""
     shapes, times = [], []
     with Path(path).open() as f:
-        for line in f:
-            row = json.loads(line)
-            shapes.append(BatchShape(row["num_prefill_tokens"], row["num_decode_tokens"], row["decode_ctx"],
-                                     row["prefill_ctx"]))
-            times.append(row["seconds"])
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                values = [row[k] for k in (*LOG_FIELDS, "seconds")]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"line {number}: not an iteration ({type(e).__name__}: {e})") from None
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                       for v in values) or values[-1] == 0:
+                raise ValueError(f"line {number}: batch sizes must be numbers >= 0 and seconds > 0, got {line.strip()}")
+            shapes.append(BatchShape(*values[:-1]))
+            times.append(values[-1])
+    if not times:
+        raise ValueError("no iterations in it")
     return ProfileResult(shapes, times)
 
 

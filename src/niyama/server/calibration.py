@@ -29,11 +29,9 @@ def cache_path(runner: ModelRunner, model_name: str, max_tokens: int) -> Path:
     return cache_dir() / "profiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-") + ".json")
 
 
-def load_or_calibrate(runner: ModelRunner, model_name: str, profile_path: str | None, max_tokens: int,
-                      num_batches: int) -> BatchTimePredictor:
-    """The predictor from ``profile_path``; else the cached one; else calibrate now and cache it."""
-    if profile_path:
-        return BatchTimePredictor.load(profile_path)
+def load_or_calibrate(runner: ModelRunner, model_name: str, max_tokens: int, num_batches: int
+                      ) -> BatchTimePredictor:
+    """The cached predictor for this machine and model, else calibrate now and cache it."""
     path = cache_path(runner, model_name, max_tokens)
     if path.is_file():
         print(f"niyama: batch-time profile {path}", file=sys.stderr)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
-from niyama.argtypes import at_least, non_negative, port, positive, positive_int
+from niyama.argtypes import at_least, non_negative, output_file, port, positive, positive_int
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--shutdown-grace", type=non_negative, default=30.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long open requests may run before they end with a 503 error "
                    "(a second signal ends them at once)")
-    p.add_argument("--iteration-log", metavar="PATH", default=None,
+    p.add_argument("--iteration-log", metavar="PATH", type=output_file, default=None,
                    help="append one JSON line per iteration (batch shape, execution time, queue lengths) to "
                    "PATH; `niyama profile --from-log PATH` fits a batch-time predictor from it")
     p.set_defaults(func=cmd_serve)
@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.engine.tokenizer import Tokenizer
     from niyama.engine.tuning import tune_process
     from niyama.engine.weights import resolve_model_path
+    from niyama.predictor import BatchTimePredictor
     from niyama.scheduler import SchedulerConfig
     from niyama.server.app import ServerState, create_app
     from niyama.server.async_engine import AsyncEngine, engine_thread
@@ -89,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.server.qos_mapping import QoSPolicy
 
     policy = QoSPolicy.load(args.qos_config)
+    # What can be refused is refused before the model loads and calibrates.
+    predictor = BatchTimePredictor.load(args.profile) if args.profile else None
     path = resolve_model_path(args.model)
     listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
@@ -100,10 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"niyama: loading {path}", file=sys.stderr)
     runner = _start_up(worker, ModelRunner.from_config, config)
     tokenizer = Tokenizer(args.model)
-    predictor = None
-    if args.scheduler in NEEDS_PREDICTOR:
-        predictor = _start_up(worker, load_or_calibrate, runner, name, args.profile,
-                              args.max_num_batched_tokens, args.calibration_batches)
+    if args.scheduler not in NEEDS_PREDICTOR:
+        predictor = None
+    elif predictor is None:
+        predictor = _start_up(worker, load_or_calibrate, runner, name, args.max_num_batched_tokens,
+                              args.calibration_batches)
     sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                    chunk_size=args.chunk_size)
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:

@@ -57,6 +57,8 @@ def find_capacity(evaluate: Evaluate, start: float = 1.0, threshold: float = 1.0
             rate /= growth
     while hi[0] - lo[0] > rel_tol * lo[0]:
         mid = (lo[0] + hi[0]) / 2
+        if mid in (lo[0], hi[0]):  # as close as floats get (a tiny rel_tol)
+            break
         v = probe(mid)
         if v <= threshold:
             lo = (mid, v)

@@ -76,7 +76,7 @@ def summarize(rows: list[dict[str, Any]], duration: float) -> dict[str, Any]:
     for row in rows:
         by_class.setdefault(row["class"], []).append(row)
         by_importance.setdefault(row["importance"], []).append(row)
-    completed = [r for r in rows if not r.get("error") and not r.get("cancelled")]
+    completed = [r for r in rows if r.get("error") is None and not r.get("cancelled")]
     tokens = sum(r["prompt_tokens"] + r["output_tokens"] for r in completed)
     output_tokens = sum(r["output_tokens"] for r in completed)
     good = sum(1 for r in rows if r["slo_met"] is True)

@@ -74,6 +74,8 @@ def load_trace(name_or_path: str) -> Trace:
         raise ValueError(f"trace {path}: {e}") from None
     if len(data) == 0:
         raise ValueError(f"trace {path} has no rows")
+    if data.shape[1] != len(header):
+        raise ValueError(f"trace {path}: its rows have {data.shape[1]} columns, its header {len(header)}")
     used = [col[c] for c in ("num_prefill_tokens", "num_decode_tokens", "arrived_at") if c in col]
     checks = [(~np.isfinite(data).all(axis=1), "row {} holds a value that is not a finite number"),
               ((data[:, used] < 0).any(axis=1), "row {} holds a negative value")]
