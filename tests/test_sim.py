@@ -99,6 +99,12 @@ def test_report_links_images_relative_to_the_report(tmp_path):
     assert "![ablation](sim-ablation.png)" in beside.lines
 
 
+def test_a_search_that_never_fails_reports_a_lower_bound():
+    res = find_capacity(lambda rate: 0.0, start=1.0, max_rate=10.0)
+    assert res.at_least and res.capacity >= 10.0 and str(res).startswith("≥ ")
+    assert not find_capacity(lambda rate: 0.0 if rate < 3 else 50.0, start=1.0).at_least
+
+
 def test_capacity_zero_when_nothing_passes():
     assert find_capacity(lambda rate: 50.0, start=1.0).capacity == 0.0
 

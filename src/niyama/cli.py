@@ -96,7 +96,7 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     results = {args.trace: capacities(setup, args.schedulers, start=args.start)}
     for variant, res in results[args.trace].items():
         points = ", ".join(f"{r:.2f}→{v:.1f}%" for r, v in res.points)
-        print(f"{variant:<12} capacity {res.capacity:6.3f} req/s   ({points})")
+        print(f"{variant:<12} capacity {res!s:>12}   ({points})")
     path = plots.capacity_plot(results, args.output_dir / f"capacity-{Path(args.trace).stem}.png")
     print(f"wrote {path}")
 

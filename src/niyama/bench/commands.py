@@ -216,8 +216,8 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     ensure_writable_dir(args.output_dir)
     result, runs = find_live_capacity(args, classes, args.output_dir / label, label)
     path = args.output_dir / f"{label}.json"
-    path.write_text(json.dumps({"capacity": result.capacity, "threshold": result.threshold,
+    path.write_text(json.dumps({"capacity": result.capacity, "at_least": result.at_least, "threshold": result.threshold,
                                 "points": runs,
                                 "args": {k: str(v) for k, v in vars(args).items() if k != "func"}}, indent=2))
     plot = plots.capacity_plot({args.trace: {label: result}}, args.output_dir / f"{label}.png")
-    print(f"capacity {result.capacity:.3f} req/s; wrote {path}, {plot}")
+    print(f"capacity {result}; wrote {path}, {plot}")

@@ -18,6 +18,10 @@ class CapacityResult:
     capacity: float
     points: list[tuple[float, float]] = field(default_factory=list)  # (rate, worst violation %)
     threshold: float = 1.0
+    at_least: bool = False  # the search reached its highest rate without a failing point: a lower bound
+
+    def __str__(self) -> str:
+        return f"{'≥ ' if self.at_least else ''}{self.capacity:.3f} req/s"
 
 
 def interpolate(lo: tuple[float, float], hi: tuple[float, float], threshold: float) -> float:
@@ -48,7 +52,7 @@ def find_capacity(evaluate: Evaluate, start: float = 1.0, threshold: float = 1.0
         if v <= threshold:
             lo = (rate, v)
             if rate >= max_rate:
-                return CapacityResult(rate, points, threshold)
+                return CapacityResult(rate, points, threshold, at_least=True)
             rate *= growth
         else:
             hi = (rate, v)
