@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from niyama.engine import EngineConfig, KVCache, LLMEngine, ModelRunner, SamplingParams, load_weights, num_kv_blocks
+from niyama.qos import QoS
+from niyama.request import Request
 from tests.engine.helpers import make_runner, save_tiny
 
 
@@ -49,3 +51,47 @@ def test_request_beyond_the_model_context_is_rejected_and_the_engine_goes_on(tmp
     with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
         engine.generate([[1] * 250], SamplingParams(max_tokens=10))
     assert len(engine.generate([[1] * 5], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_an_interrupted_generate_leaves_the_engine_usable(engine32):
+    """An error (or Ctrl-C) inside the step loop used to leave that call's requests queued, holding KV blocks:
+    every later call then failed on their outputs (KeyError)."""
+    engine = engine32
+    execute, steps = engine.runner.execute, []
+
+    def failing(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate(["Hello there", "Tell me a story"], SamplingParams(max_tokens=8))
+    finally:
+        engine.runner.execute = execute
+    assert not engine.core.has_work() and engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert len(engine.generate("Hi", SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+def test_engine_settings_that_would_schedule_nothing_are_refused():
+    for field in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+        with pytest.raises(ValueError, match=field):
+            EngineConfig(**{field: 0})
+
+
+def test_an_empty_stop_string_is_ignored():
+    assert SamplingParams(stop=("", "x")).stop == ("x",)
+
+
+def test_the_core_refuses_what_would_fail_a_whole_batch(engine32):
+    """Direct users of ``EngineCore`` (the server) get the context check too: a request past the context
+    used to be taken and then fail every batch it ran in."""
+    core, limit = engine32.core, engine32.core.max_model_len
+    qos = QoS("t", ttlt=100.0)
+    with pytest.raises(ValueError, match=f"exceeds the context of {limit} tokens"):
+        core.add(Request("long", 0.0, qos, limit - 5, 10, [3] * (limit - 5)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="has no prompt token ids"):  # a simulator's request
+        core.add(Request("lengths only", 0.0, qos, 5, 10), SamplingParams(max_tokens=10))
+    assert not core.has_work()

@@ -169,6 +169,11 @@ class EngineConfig:
     native_kernels: bool = True  # decode attention in the native kernel where it applies (bf16, CPU)
     quantized: bool = True  # small batches read the 4/8-bit codes of weights the file stores so (bf16, CPU)
 
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_memory", "block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
     def torch_device(self) -> torch.device:
         """``device`` checked: a known device type, and CUDA only where torch can use it."""
         try:

@@ -119,7 +119,13 @@ class EngineCore:
 
     def add(self, request: Request, params: SamplingParams) -> None:
         """Queue a request; its stop tokens are set from ``params`` (and EOS unless ``ignore_eos``).
-        A prompt token outside the vocabulary raises ``ValueError`` (it would fail the whole batch)."""
+        ``ValueError`` for what would fail the whole batch it runs in: prompt token ids missing or outside
+        the vocabulary, prompt + max_tokens beyond the context."""
+        if not request.prompt_token_ids:  # (a simulator's request holds lengths only)
+            raise ValueError(f"request {request.request_id} has no prompt token ids")
+        if request.num_prompt_tokens + request.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) exceeds the "
+                             f"context of {self.max_model_len} tokens (model and KV cache)")
         vocab = self.runner.config.vocab_size
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:

@@ -58,9 +58,14 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.core.scheduler.num_preemptions
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
+    def generate(self, prompts: str | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS) -> list[Completion]:
-        """Complete each prompt (text or token ids); results in prompt order."""
+        """Complete each prompt (text or token ids; a lone string is one prompt); results in prompt order.
+        If the call fails or is interrupted, its requests are aborted: the engine stays usable."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if any(isinstance(p, int) for p in prompts):
+            raise TypeError("prompts must be strings or lists of token ids (one prompt of ids: [ids])")
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -68,26 +73,23 @@ class LLMEngine:
         requests = []
         for prompt, sp in zip(prompts, params, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            request = Request(f"gen-{next(self._ids)}", time.monotonic(), OFFLINE_QOS, len(ids), sp.max_tokens, ids)
-            if request.num_prompt_tokens + request.max_tokens > self.core.max_model_len:
-                raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) "
-                                 f"exceeds the context of {self.core.max_model_len} tokens (model and KV cache)")
-            requests.append((request, sp))
+            requests.append((Request(f"gen-{next(self._ids)}", time.monotonic(), OFFLINE_QOS, len(ids),
+                                     sp.max_tokens, ids), sp))
+        texts = {r.request_id: "" for r, _ in requests}
+        logprobs: dict[str, list[float]] = {r.request_id: [] for r, sp in requests if sp.logprobs}
         try:
             for request, sp in requests:
                 self.core.add(request, sp)
-        except ValueError:  # a refused prompt: none of this call's requests stays queued
+            while self.core.has_work():
+                for out in self.core.step():
+                    rid = out.request.request_id
+                    texts[rid] += out.text
+                    if rid in logprobs:
+                        logprobs[rid].append(self.runner.last_logprobs[rid])
+        except BaseException:  # a refused prompt, an error, Ctrl-C: none of this call's requests stays queued
             for request, _ in requests:
                 self.core.abort(request.request_id)
             raise
-        texts = {r.request_id: "" for r, _ in requests}
-        logprobs: dict[str, list[float]] = {r.request_id: [] for r, sp in requests if sp.logprobs}
-        while self.core.has_work():
-            for out in self.core.step():
-                rid = out.request.request_id
-                texts[rid] += out.text
-                if rid in logprobs:
-                    logprobs[rid].append(self.runner.last_logprobs[rid])
         return [self._completion(r, texts[r.request_id], logprobs.get(r.request_id)) for r, _ in requests]
 
     def chat(self, conversations: Sequence[Sequence[Mapping[str, str]]],

@@ -17,13 +17,17 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
-    seed: int | None = None  # per-request generator: the same output whatever the batch around it
-    stop: tuple[str, ...] = ()  # stop strings (the text is cut before them)
+    # Per-request generator: the same output whatever the batch around it, in float32 (in bf16 the batch's
+    # size picks the kernels, and with them the logits' rounding).
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (the text is cut before them; empty ones are dropped)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     logprobs: bool = False  # report the log-probability of each sampled token
 
     def __post_init__(self) -> None:
+        if "" in self.stop:  # it would be "found" at once: the text cut after its first character
+            object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:

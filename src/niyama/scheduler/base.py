@@ -50,6 +50,12 @@ class SchedulerConfig:
     # that has not arrived yet. 1 treats sheddable requests like the others.
     sheddable_margin: float = 2.0
 
+    def __post_init__(self) -> None:
+        # Any of these at 0 schedules empty batches forever.
+        if self.max_num_seqs < 1 or self.chunk_size < 1 or not self.chunk_candidates \
+                or min(self.chunk_candidates) < 1 or self.low_memory_chunk < 1:
+            raise ValueError("max_num_seqs, chunk_size, chunk_candidates and low_memory_chunk must be at least 1")
+
     @classmethod
     def within(cls, max_tokens: int, **kwargs: Any) -> SchedulerConfig:
         """A config whose iterations never exceed ``max_tokens`` (``niyama serve --max-num-batched-tokens``)."""

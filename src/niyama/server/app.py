@@ -208,7 +208,7 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=max(body.top_k, 0),
-                          seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos)
+                          seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
 
 
 async def _complete(state: ServerState, http: Request, body: SamplingRequest, prompt_ids: list[int],
