@@ -71,3 +71,19 @@ def test_certain_violations_count_only_passed_deadlines():
     done_late = _result("batch", 0.0, [12.0])
     assert _certain_violations([waiting, done_late], CLASSES, now=0.5) == {"chat": 0, "batch": 1}
     assert _certain_violations([waiting, done_late], CLASSES, now=1.5) == {"chat": 1, "batch": 1}
+
+
+def test_vllm_style_goodput_thresholds_and_inter_token_latencies():
+    """`vllm bench serve --goodput ttft:MS tpot:MS e2el:MS`: completed requests within every threshold."""
+    fast = _result("chat", 0.0, [0.2, 0.3, 0.4])  # TTFT 200 ms, TPOT 100 ms, E2EL 400 ms
+    slow_pace = _result("chat", 0.0, [0.2, 0.8, 1.4])  # TPOT 600 ms
+    late = _result("batch", 0.0, [3.0])  # one token: TTFT = E2EL = 3000 ms, no TPOT
+    cut = _result("chat", 0.0, [0.1], finished=None, cancelled=True)
+    run = RunResult([fast, slow_pace, late, cut], duration=10.0)
+    rows = run_rows(run, CLASSES)
+    summary = run_summary(run, rows, {"ttft": 500.0, "tpot": 200.0})
+    assert summary["goodput_thresholds_rps"] == 1 / 10.0  # fast only
+    assert run_summary(run, rows, {"e2el": 5000.0})["goodput_thresholds_rps"] == 3 / 10.0  # not the cut one
+    assert "goodput_thresholds_rps" not in run_summary(run, rows)
+    itl = summary["itl_ms"]  # gaps 100, 100, 600, 600 ms
+    assert abs(itl["p50"] - 350.0) < 1e-6 and abs(itl["p99"] - 600.0) < 1e-6

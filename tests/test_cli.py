@@ -143,6 +143,8 @@ def test_numbers_too_large_to_work_with_are_one_line(tmp_path, args):
     (["--service-tiers", "interactive=flex"], "--service-tiers applies only with --qos-mode service-tier"),
     (["--qos-mode", "niyama", "--priorities", "interactive=0"], "--priorities applies only with --qos-mode priority"),
     (["--trace", "azure_conv", "--input-len", "7"], "--input-len applies only with --trace synthetic"),
+    (["--goodput", "ttfx:500"], "--goodput: unknown metric 'ttfx'"),
+    (["--goodput", "ttft"], "argument --goodput: expected metric:milliseconds"),
 ])
 def test_bench_refuses_options_it_would_ignore(tmp_path, args, message):
     p = niyama("bench", "--base-url", "http://127.0.0.1:9/v1", "--rate", "1", "--output-dir", str(tmp_path), *args)

@@ -112,6 +112,17 @@ def mix(text: str) -> dict[str, float]:
     return out
 
 
+def threshold(text: str) -> tuple[str, float]:
+    """``metric:value`` (e.g. ``ttft:500``, as `vllm bench serve --goodput` takes it) → (metric, value)."""
+    name, sep, value = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return name.strip(), positive(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected metric:milliseconds with a positive number, got {text!r}") from None
+
+
 def mapping(text: str) -> dict[str, str]:
     """``key=value,key=value`` → dict of strings."""
     out = {}

@@ -21,8 +21,8 @@ def _bench(server, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path):
     # The server's classes: a 10 s first-token deadline is a wide margin for 6 tiny requests.
-    done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--rate", "4", "--num-requests", "6",
-                  "--importance-mix", "critical=1,sheddable=1", "--label", "tiny")
+    done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--request-rate", "4", "--num-requests", "6",
+                  "--importance-mix", "critical=1,sheddable=1", "--label", "tiny", "--goodput", "e2el:600000")
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (tmp_path / "bench-tiny.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["error"] is None for r in rows)
@@ -33,6 +33,10 @@ def test_bench_streams_judges_and_writes_jsonl_summary_and_plot(server, tmp_path
     summary = json.loads((tmp_path / "bench-tiny.json").read_text())
     assert summary["overall"]["requests"] == 6 and summary["overall"]["violation_pct"] == 0.0
     assert summary["goodput_rps"] > 0 and summary["errors"] == 0
+    # As `vllm bench serve --goodput`: every request finished within 600 s; ITL over every gap between chunks.
+    assert summary["goodput_thresholds_rps"] == summary["throughput_rps"] > 0
+    assert 0 < summary["itl_ms"]["p50"] <= summary["itl_ms"]["p99"]
+    assert "goodput (e2el ≤ 600000 ms)" in done.stdout and "ITL p50/p90/p99" in done.stdout
     assert (tmp_path / "bench-tiny.png").stat().st_size > 0
     assert "overall" in done.stdout and "goodput" in done.stdout
     # The server logged the iterations that served them (niyama serve --iteration-log).

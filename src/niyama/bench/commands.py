@@ -17,8 +17,10 @@ from niyama.argtypes import (
     non_negative_int,
     positive,
     positive_int,
+    threshold,
 )
 from niyama.bench.client import QOS_MODES, BenchConfig, RunResult, ServerError, run_load
+from niyama.bench.results import GOODPUT_METRICS
 from niyama.qos import QoSClasses
 from niyama.sim.workload import TRACE_FILES, WorkloadSpec, build_workload, requests_in
 
@@ -73,6 +75,9 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
            "(cancelled requests count as violations)")
     add(o, "--stall-timeout", type=positive, default=600.0,
            help="a request whose stream sends nothing for this many seconds fails (a violation)")
+    add(o, "--goodput", type=threshold, nargs="+", default=None, metavar="METRIC:MS",
+        help="also count goodput as `vllm bench serve --goodput` does: requests within every given threshold "
+        f"({', '.join(GOODPUT_METRICS)}; milliseconds) per second")
     add(o, "--no-progress", action="store_true")
     return actions
 
@@ -82,7 +87,7 @@ def register(subparsers) -> None:
                               description="Open-loop load against any OpenAI-compatible server (Niyama, vLLM, "
                               "...): per-request JSONL, a per-class summary (JSON and table) and plots.")
     _add_args(p)
-    p.add_argument("--rate", type=positive, default=None,
+    p.add_argument("--rate", "--request-rate", type=positive, default=None,
                    help="arrivals per second (default: the trace's own arrival times)")
     p.set_defaults(func=cmd_bench)
     sub = p.add_subparsers(dest="bench_command")
@@ -111,6 +116,9 @@ def check_options(args: argparse.Namespace) -> None:
     for option, value, other, given in needs:
         if value is not None and not given:
             raise ValueError(f"{option} applies only with {other}")
+    unknown = [m for m, _ in args.goodput or () if m not in GOODPUT_METRICS]
+    if unknown:
+        raise ValueError(f"--goodput: unknown metric {unknown[0]!r} (known: {', '.join(GOODPUT_METRICS)})")
 
 
 def workload(args: argparse.Namespace, classes: QoSClasses, rate: float | None) -> WorkloadSpec:
@@ -132,13 +140,14 @@ def config(args: argparse.Namespace, stop_at: float | None = None) -> BenchConfi
                        seed=args.seed, progress=not args.no_progress, **kwargs)
 
 
-def save_run(run: RunResult, classes: QoSClasses, stem: Path, title: str) -> dict[str, Any]:
-    """Write ``stem``.jsonl/.json/.png and return the summary."""
+def save_run(run: RunResult, classes: QoSClasses, stem: Path, title: str,
+             goodput: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write ``stem``.jsonl/.json/.png and return the summary (``goodput``: see ``run_summary``)."""
     from niyama.bench.results import run_rows, run_summary, write_jsonl
     from niyama.sim import plots
 
     rows = run_rows(run, classes)
-    summary = run_summary(run, rows)
+    summary = run_summary(run, rows, goodput)
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(rows, Path(f"{stem}.jsonl"))
     Path(f"{stem}.json").write_text(json.dumps(summary, indent=2))
@@ -167,9 +176,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run = run_load(specs, classes, config(args))
     label = args.label or f"{args.qos_mode}-{args.rate or 'trace'}"
     stem = args.output_dir / f"bench-{label}"
-    summary = save_run(run, classes, stem, f"{label}: {len(specs)} requests")
+    summary = save_run(run, classes, stem, f"{label}: {len(specs)} requests", dict(args.goodput or ()))
     _check_any_succeeded(summary, stem)
     print(format_summary(summary))
+    itl = summary["itl_ms"]
+    if itl["p50"] is not None:
+        print(f"ITL p50/p90/p99 {itl['p50']:.1f}/{itl['p90']:.1f}/{itl['p99']:.1f} ms")
+    if "goodput_thresholds_rps" in summary:
+        within = ", ".join(f"{m} ≤ {v:g} ms" for m, v in summary["goodput_thresholds_ms"].items())
+        print(f"goodput ({within}) {summary['goodput_thresholds_rps']:.2f} req/s")
     if summary["errors"]:
         print(f"{summary['errors']} requests failed (counted as violations); see {stem}.jsonl")
     if summary["cancelled"]:
@@ -194,7 +209,7 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
         specs = build_workload(workload(args, classes, rate))
         run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
-        summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s")
+        summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s", dict(args.goodput or ()))
         if all(_all_failed(r["summary"]) for r in runs):  # once the server has served, failures under
             _check_any_succeeded(summary, stem)  # load (429s, say) are its violations, not an error
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.

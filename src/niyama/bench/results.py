@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from niyama.bench.client import RequestResult, RunResult
 from niyama.qos import QoSClasses
-from niyama.sim.report import summarize
+from niyama.sim.report import PERCENTILES, summarize
+
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")  # what `vllm bench serve --goodput` takes, in ms
 
 
 def result_row(r: RequestResult, classes: QoSClasses) -> dict[str, Any]:
@@ -58,13 +63,32 @@ def run_rows(run: RunResult, classes: QoSClasses) -> list[dict[str, Any]]:
     return [result_row(r, classes) for r in run.results if r.sent is not None]
 
 
-def run_summary(run: RunResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def run_summary(run: RunResult, rows: list[dict[str, Any]], goodput: dict[str, float] | None = None
+                ) -> dict[str, Any]:
+    """``summarize``'s summary with the client's own figures: errors, inter-token latencies (ITL: every gap
+    between chunks, as `vllm bench serve` reports), and with ``goodput`` (metric → ms, e.g. ``{"ttft": 500}``)
+    goodput as `vllm bench serve --goodput` counts it: completed requests within every given threshold (TPOT:
+    a request's mean gap after its first token; E2EL: its whole time) per second."""
     summary = summarize(rows, run.duration)
+    gaps = [b - a for r in rows if r["error"] is None for a, b in pairwise(r["chunk_times"])]
+    summary["itl_ms"] = {f"p{p}": float(np.percentile(gaps, p)) * 1e3 if gaps else None for p in PERCENTILES}
+    if goodput:
+        good = sum(1 for r in rows if _within(r, goodput))
+        summary["goodput_thresholds_ms"] = goodput
+        summary["goodput_thresholds_rps"] = good / run.duration if run.duration else 0.0
     summary["errors"] = sum(1 for r in rows if r["error"] is not None)
     summary["cancelled"] = sum(1 for r in rows if r["cancelled"])
     summary["planned_requests"] = len(run.results)
     summary["stop_reason"] = run.stop_reason
     return summary
+
+
+def _within(row: dict[str, Any], goodput: dict[str, float]) -> bool:
+    """Whether a completed request is within every ``--goodput`` threshold (ms)."""
+    if row["ttlt"] is None or row["cancelled"]:
+        return False
+    values = {"ttft": row["ttft"], "tpot": row["tbt_mean"] or 0.0, "e2el": row["ttlt"]}  # one token: no TPOT
+    return all(values[metric] * 1e3 <= limit for metric, limit in goodput.items())
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
