@@ -312,6 +312,7 @@ def test_queue_full_429_and_priority(cache_dir):
             client.completions.create(model=s.model, prompt="Hi", max_tokens=2)
         assert e.value.status_code == 429 and e.value.response.headers["Retry-After"]
         assert e.value.body["code"] == "queue_full"
+        assert s.metric("niyama:request_rejected_total") == 1  # (the server's default class)
         running.close()  # frees the slot: the queued requests run, the higher priority first
         for t in threads:
             t.join()

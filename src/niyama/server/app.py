@@ -224,6 +224,7 @@ async def _complete(state: ServerState, http: Request, body: SamplingRequest, pr
     try:
         outputs = state.engine.submit(request, params)
     except QueueFull:
+        state.engine.metrics.observe_rejected(qos.name)
         raise APIError(429, "the server's request queue is full; retry later", None, "queue_full",
                        "rate_limit_error", {"Retry-After": "1"}) from None
     except Unavailable as e:

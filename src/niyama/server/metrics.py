@@ -42,6 +42,8 @@ class Metrics:
                                 ["model_name", "finished_reason"], registry=r)
         self.slo = Counter("niyama:request_slo", "Finished requests by QoS class and SLO outcome",
                            ["model_name", "qos_class", "outcome"], registry=r)
+        self.rejected = Counter("niyama:request_rejected", "Requests refused with HTTP 429 (queue full), by QoS "
+                                "class", ["model_name", "qos_class"], registry=r)
         self._labels = labels
         self._preemptions_seen = 0
 
@@ -79,6 +81,9 @@ class Metrics:
         if request.slo_met is not None and reason != "abort":
             outcome = "met" if request.slo_met else "violated"
             self.slo.labels(qos_class=request.qos.name, outcome=outcome, **self._labels).inc()
+
+    def observe_rejected(self, qos_class: str) -> None:
+        self.rejected.labels(qos_class=qos_class, **self._labels).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
