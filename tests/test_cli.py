@@ -152,6 +152,21 @@ def test_bench_refuses_options_it_would_ignore(tmp_path, args, message):
     assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
 
 
+def test_bench_goodput_thresholds_add_up_and_leave_the_capacity_word_alone():
+    from niyama.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--goodput", "ttft:500", "--goodput", "tpot:50", "e2el:9000"])
+    assert args.goodput == [("ttft", 500.0), ("tpot", 50.0), ("e2el", 9000.0)]
+    args = build_parser().parse_args(["bench", "capacity", "--goodput", "ttft:500", "--start", "2"])
+    assert args.goodput == [("ttft", 500.0)] and args.start == 2.0
+
+
+def test_bench_capacity_refuses_a_rate(tmp_path):
+    p = niyama("bench", "--rate", "3", "capacity", "--base-url", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "--rate does not apply to bench capacity" in lines[0], p.stderr
+
+
 def test_iteration_log_from_a_bad_file_is_one_line(tmp_path):
     rows = {"num_prefill_tokens": 10, "num_decode_tokens": 2, "decode_ctx": 40, "prefill_ctx": 10, "seconds": 0.01}
     for line, message in [("[1, 2]", "line 3: not an iteration"),

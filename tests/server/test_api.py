@@ -138,6 +138,17 @@ def test_unknown_model(server):
         server.client().models.retrieve("gpt-5")
 
 
+def test_an_assistant_refusal_part_is_history_text(server):
+    messages = [{"role": "user", "content": "Tell me a secret."},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot share that."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Then say hi."}]}]
+    client = server.client()
+    with_refusal = client.chat.completions.create(model=server.model, messages=messages, max_tokens=2)
+    empty = [messages[0], {"role": "assistant", "content": ""}, messages[2]]
+    without = client.chat.completions.create(model=server.model, messages=empty, max_tokens=2)
+    assert with_refusal.usage.prompt_tokens > without.usage.prompt_tokens  # its words are in the prompt
+
+
 def test_unknown_model_is_refused_before_the_prompt_is_read(server):
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model="gpt-5", prompt=[1, 99_999_999], max_tokens=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from niyama.qos import Importance, QoSError
+from niyama.qos import Importance, QoSClasses, QoSError
 from niyama.server.qos_mapping import QoSPolicy
 from tests.server.conftest import QOS_CONFIG
 
@@ -56,6 +56,16 @@ def test_tier_echo(policy):
     assert policy.tier_of(policy.resolve(None, None, None), None) == "default"
     assert policy.tier_of(policy.resolve(None, None, "default"), "default") == "default"
     assert policy.tier_of(policy.resolve(None, None, "priority"), "priority") == "priority"
+
+
+def test_tier_echo_follows_the_tier_table_as_resolve_does():
+    classes = {"classes": {"chat": {"ttft": 1.0, "tbt": 0.1}, "bulk": {"ttlt": 60.0}}, "default": "chat"}
+    policy = QoSPolicy(QoSClasses.from_dict(classes), {"priority": "chat", "default": "bulk", "auto": "bulk"})
+    # No tier: the default class serves it (not the "default" tier's), and it asked for no priority.
+    assert policy.tier_of(policy.resolve(None, None, None), None) == "default"
+    assert policy.tier_of(policy.resolve(None, None, "auto"), "auto") == "default"  # auto is answered as default
+    assert policy.tier_of(policy.resolve(None, None, "default"), "default") == "default"
+    assert policy.tier_of(policy.resolve("bulk", None, "priority"), "priority") == "default"
 
 
 def test_builtin_classes_map_tiers():

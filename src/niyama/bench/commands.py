@@ -75,9 +75,9 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
            "(cancelled requests count as violations)")
     add(o, "--stall-timeout", type=positive, default=600.0,
            help="a request whose stream sends nothing for this many seconds fails (a violation)")
-    add(o, "--goodput", type=threshold, nargs="+", default=None, metavar="METRIC:MS",
+    add(o, "--goodput", type=threshold, nargs="+", action="extend", default=None, metavar="METRIC:MS",
         help="also count goodput as `vllm bench serve --goodput` does: requests within every given threshold "
-        f"({', '.join(GOODPUT_METRICS)}; milliseconds) per second")
+        f"({', '.join(GOODPUT_METRICS)}; milliseconds) per second (with `bench capacity`, after `capacity`)")
     add(o, "--no-progress", action="store_true")
     return actions
 
@@ -179,9 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     summary = save_run(run, classes, stem, f"{label}: {len(specs)} requests", dict(args.goodput or ()))
     _check_any_succeeded(summary, stem)
     print(format_summary(summary))
-    itl = summary["itl_ms"]
-    if itl["p50"] is not None:
-        print(f"ITL p50/p90/p99 {itl['p50']:.1f}/{itl['p90']:.1f}/{itl['p99']:.1f} ms")
+    if summary["itl_p50"] is not None:
+        print("ITL p50/p90/p99 " + "/".join(f"{summary[f'itl_p{p}'] * 1e3:.1f}" for p in (50, 90, 99)) + " ms")
     if "goodput_thresholds_rps" in summary:
         within = ", ".join(f"{m} ≤ {v:g} ms" for m, v in summary["goodput_thresholds_ms"].items())
         print(f"goodput ({within}) {summary['goodput_thresholds_rps']:.2f} req/s")
@@ -226,6 +225,8 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
 def cmd_capacity(args: argparse.Namespace) -> None:
     from niyama.sim import plots
 
+    if args.rate is not None:
+        raise ValueError("--rate does not apply to bench capacity, which searches the rate (see --start)")
     classes = QoSClasses.load(args.qos_config)
     label = args.label or f"capacity-{args.qos_mode}"
     ensure_writable_dir(args.output_dir)

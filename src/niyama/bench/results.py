@@ -16,11 +16,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from niyama.bench.client import RequestResult, RunResult
 from niyama.qos import QoSClasses
-from niyama.sim.report import PERCENTILES, summarize
+from niyama.sim.report import percentiles, summarize
 
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")  # what `vllm bench serve --goodput` takes, in ms
 
@@ -65,13 +63,14 @@ def run_rows(run: RunResult, classes: QoSClasses) -> list[dict[str, Any]]:
 
 def run_summary(run: RunResult, rows: list[dict[str, Any]], goodput: dict[str, float] | None = None
                 ) -> dict[str, Any]:
-    """``summarize``'s summary with the client's own figures: errors, inter-token latencies (ITL: every gap
-    between chunks, as `vllm bench serve` reports), and with ``goodput`` (metric → ms, e.g. ``{"ttft": 500}``)
-    goodput as `vllm bench serve --goodput` counts it: completed requests within every given threshold (TPOT:
-    a request's mean gap after its first token; E2EL: its whole time) per second."""
+    """``summarize``'s summary with the client's own figures: errors; inter-token latencies (``itl_p50``
+    etc.: every gap between chunks of the completed requests, as `vllm bench serve` reports); and with
+    ``goodput`` (metric → ms, e.g. ``{"ttft": 500}``) goodput as `vllm bench serve --goodput` counts it:
+    completed requests within every given threshold (TPOT: a request's mean gap after its first token;
+    E2EL: its whole time) per second."""
     summary = summarize(rows, run.duration)
-    gaps = [b - a for r in rows if r["error"] is None for a, b in pairwise(r["chunk_times"])]
-    summary["itl_ms"] = {f"p{p}": float(np.percentile(gaps, p)) * 1e3 if gaps else None for p in PERCENTILES}
+    summary.update(percentiles([b - a for r in rows if r["ttlt"] is not None and not r["cancelled"]
+                                for a, b in pairwise(r["chunk_times"])], "itl"))
     if goodput:
         good = sum(1 for r in rows if _within(r, goodput))
         summary["goodput_thresholds_ms"] = goodput

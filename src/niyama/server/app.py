@@ -126,7 +126,7 @@ def create_app(state: ServerState) -> FastAPI:
         for i, m in enumerate(body.messages):
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
-                    if part.type != "text":
+                    if part.type not in ("text", "refusal"):
                         raise APIError(400, f"content parts of type {part.type!r} are not supported (this model "
                                        "reads text only)", f"messages.{i}.content.{j}.type",
                                        "unsupported_parameter")

@@ -61,12 +61,14 @@ class SamplingRequest(BaseModel):
 
 
 class ContentPart(BaseModel):
-    """One part of a multi-part message; only text parts are supported (others, e.g. images, are refused)."""
+    """One part of a multi-part message: text, or an assistant's refusal in the history (other kinds, e.g.
+    images, are refused)."""
 
     model_config = ConfigDict(extra="ignore")
 
     type: str
     text: str | None = None
+    refusal: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -78,7 +80,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The message text (text parts of a multi-part content joined)."""
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
+            return "".join((p.text if p.type == "text" else p.refusal) or "" for p in self.content)
         return self.content or ""
 
 

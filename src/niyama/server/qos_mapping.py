@@ -77,6 +77,8 @@ class QoSPolicy:
         OpenAI does) when it serves the class actually used, else a tier that serves that class (a ``qos``
         field or header may override the tier asked for), else the one asked for."""
         asked = "default" if service_tier in (None, "auto") else service_tier
-        if self.service_tiers.get(asked, self.classes.default) == qos.name:
+        served = self.classes.default if service_tier is None else self.service_tiers.get(service_tier,
+                                                                                          self.classes.default)
+        if served == qos.name:  # (the class ``resolve`` gives the tier, as it gives it)
             return asked
-        return next((t for t, c in self.service_tiers.items() if c == qos.name), asked)
+        return next((t for t, c in self.service_tiers.items() if c == qos.name and t != "auto"), asked)

@@ -42,7 +42,8 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
         writer.writerows(rows)
 
 
-def _percentiles(values: list[float], prefix: str) -> dict[str, float | None]:
+def percentiles(values: list[float], prefix: str) -> dict[str, float | None]:
+    """``{prefix}_p50`` etc. over the values that are not None."""
     arr = np.array([v for v in values if v is not None], dtype=float)
     return {f"{prefix}_p{p}": (float(np.percentile(arr, p)) if arr.size else None) for p in PERCENTILES}
 
@@ -59,7 +60,7 @@ def _group_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "relegated": sum(1 for r in rows if r.get("relegated")),
     }
     for key in ("ttft", "tbt_mean", "ttlt"):
-        summary.update(_percentiles([r[key] for r in rows], key.removesuffix("_mean")))
+        summary.update(percentiles([r[key] for r in rows], key.removesuffix("_mean")))
     return summary
 
 
