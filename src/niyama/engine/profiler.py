@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def runner_meta(runner: ModelRunner, model_name: str) -> dict[str, Any]:
     }
 
 
-LOG_FIELDS = ("num_prefill_tokens", "num_decode_tokens", "decode_ctx", "prefill_ctx")
+LOG_FIELDS = tuple(f.name for f in fields(BatchShape))  # as ``EngineCore`` logs them (``asdict(shape)``)
 
 
 def read_iteration_log(path: str | Path) -> ProfileResult:

@@ -123,13 +123,10 @@ def create_app(state: ServerState) -> FastAPI:
         _check_request(state, body)
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        for i, m in enumerate(body.messages):
-            if isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    if part.type not in ("text", "refusal"):
-                        raise APIError(400, f"content parts of type {part.type!r} are not supported (this model "
-                                       "reads text only)", f"messages.{i}.content.{j}.type",
-                                       "unsupported_parameter")
+        if unsupported := body.unsupported_part():
+            param, kind = unsupported
+            raise APIError(400, f"content parts of type {kind!r} are not supported (this model reads text only)",
+                           param, "unsupported_parameter")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await _tokenize(state.tokenizer.chat, messages, "messages")
         return await _complete(state, http, body, ids, x_niyama_qos, chat=True)

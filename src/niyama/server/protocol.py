@@ -92,6 +92,14 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
+    def unsupported_part(self) -> tuple[str, str] | None:
+        """The path and type of the first content part that is neither text nor an assistant's refusal."""
+        for i, message in enumerate(self.messages):
+            for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+                if part.type not in ("text", "refusal"):
+                    return f"messages.{i}.content.{j}.type", part.type
+        return None
+
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs" if self.logprobs else "top_logprobs"

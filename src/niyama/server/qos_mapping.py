@@ -77,8 +77,9 @@ class QoSPolicy:
         OpenAI does) when it serves the class actually used, else a tier that serves that class (a ``qos``
         field or header may override the tier asked for), else the one asked for."""
         asked = "default" if service_tier in (None, "auto") else service_tier
-        served = self.classes.default if service_tier is None else self.service_tiers.get(service_tier,
-                                                                                          self.classes.default)
-        if served == qos.name:  # (the class ``resolve`` gives the tier, as it gives it)
+        # The class ``resolve`` gives the tier asked for (no tier: the default class, whatever "default" maps to).
+        default = self.classes.default
+        served = default if service_tier is None else self.service_tiers.get(service_tier, default)
+        if served == qos.name:
             return asked
         return next((t for t, c in self.service_tiers.items() if c == qos.name and t != "auto"), asked)

@@ -34,7 +34,7 @@ class Report:
     def __init__(self, output_dir: Path, path: Path | None = None):
         """``path``: where the Markdown will be written (images are linked relative to it)."""
         self.output_dir = output_dir
-        self.folder = (path or output_dir / "report.md").parent
+        self.folder = path.parent if path else output_dir
         self.lines: list[str] = []
         self.checks: list[tuple[str, bool, str]] = []
 
