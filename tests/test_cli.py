@@ -131,7 +131,7 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["simulate", "--rate", "3", "--duration", "1e308"],
-    ["bench", "--rate", "3", "--cv", "1e-200", "--base-url", "http://127.0.0.1:9/v1"],
+    ["bench", "--trace", "synthetic", "--rate", "3", "--cv", "1e-200", "--base-url", "http://127.0.0.1:9/v1"],
 ])
 def test_numbers_too_large_to_work_with_are_one_line(tmp_path, args):
     p = niyama(*args, "--output-dir", str(tmp_path))
