@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from niyama.engine.model import Linear, rms_norm
-from niyama.engine.native import Q8_MAX_ROWS, load_native_kernels
+from niyama.engine.native import Q4_MAX_ROWS, Q8_MAX_ROWS, load_native_kernels
 from niyama.engine.quantized import GROUP, Int4Codes, Int8Codes, file_codes
-from tests.engine.helpers import make_runner
+from tests.engine.helpers import drive, make_request, make_runner
 
 kernels = load_native_kernels()
 
@@ -38,10 +38,27 @@ def test_a_q4_1_weight_gets_4_bit_codes():
     weight = q4_1_weight(48, 96)
     codes = file_codes(weight)
     assert isinstance(codes, Int4Codes)
-    x = torch.randn(3, 96).bfloat16()
+    assert codes.codes.dtype == torch.uint8 and codes.codes.numel() == 48 * 96 // 2  # two codes a byte
+
+
+def assert_products(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """y is x . W^T up to its bf16 rounding (and the inputs' integer form, ~1/64,000 of a group's largest)."""
     expected = x.float() @ weight.t()
-    # The kernel's only rounding beyond the bf16 input and output: each group's step and offset in bf16.
-    torch.testing.assert_close(codes(x, kernels).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    torch.testing.assert_close(y.float(), expected, rtol=2 ** -8, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, Q4_MAX_ROWS])
+def test_the_4_bit_kernel_gives_the_products_of_the_file_weights(rows):
+    weight = q4_1_weight(48, 128, seed=rows)
+    weight[1, :32] = 0.0  # an all-zero group
+    x = torch.randn(rows, 128).bfloat16()
+    x[0, 32:64] = 0.0  # and an all-zero group of inputs
+    assert_products(file_codes(weight)(x, kernels), x, weight)
+
+
+def test_the_4_bit_kernel_refuses_more_rows_than_it_takes():
+    with pytest.raises(ValueError, match="unsupported shape"):
+        file_codes(q4_1_weight(16, 64))(torch.randn(Q4_MAX_ROWS + 1, 64), kernels)
 
 
 def test_a_q8_0_weight_gets_8_bit_codes_with_exact_float32_products():
@@ -63,7 +80,7 @@ def test_weights_that_are_not_quantized_get_no_codes():
         weight[5, 7] *= 1.001  # one value off its group's grid
         assert file_codes(weight) is None
     assert file_codes(q4_1_weight(48, 96)[:, :80]) is None  # inputs not whole groups
-    assert file_codes(q4_1_weight(40, 96)) is None  # torch's int4 kernel packs rows in tiles of 16
+    assert file_codes(q4_1_weight(40, 96)) is None  # the 4-bit kernel computes 16 outputs at a time
     assert isinstance(file_codes(q8_0_weight(40, 96)), Int8Codes)
 
 
@@ -106,19 +123,54 @@ def test_small_batches_get_exact_logits_from_the_8_bit_head(weights):
     torch.testing.assert_close(model.logits(hidden), exact, rtol=1e-5, atol=1e-4)
 
 
-def test_the_8_bit_kernel_without_avx512_or_f16c_gives_the_same_products(tmp_path, monkeypatch):
-    """The portable C path (CPUs without AVX-512, and the fp16 conversion without F16C), built on purpose."""
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The portable C paths (CPUs without AVX-512, and the fp16 conversion without F16C), built on purpose."""
     import ctypes
 
     from niyama.engine import native
 
-    monkeypatch.setattr(native, "COMPILE_FLAGS", (*native.COMPILE_FLAGS, "-mno-avx512f", "-mno-f16c"))
-    path = tmp_path / "portable.so"
-    native.build(path)
-    portable = native.NativeKernels(ctypes.CDLL(str(path)))
+    path = tmp_path_factory.mktemp("portable") / "portable.so"
+    flags = native.COMPILE_FLAGS
+    try:
+        native.COMPILE_FLAGS = (*flags, "-mno-avx512f", "-mno-f16c")
+        native.build(path)
+    finally:
+        native.COMPILE_FLAGS = flags
+    return native.NativeKernels(ctypes.CDLL(str(path)))
+
+
+def test_the_8_bit_kernel_without_avx512_or_f16c_gives_the_same_products(portable):
     weight = q8_0_weight(40, 96, seed=2)
     weight[0, :32] = 0.0  # an all-zero group
     codes = file_codes(weight)
     for rows in (1, 3, Q8_MAX_ROWS):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(codes(x, portable), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_4_bit_kernel_without_avx512_or_f16c_gives_the_same_products(portable):
+    weight = q4_1_weight(32, 192, seed=3)
+    codes = file_codes(weight)
+    for rows in (1, 3, Q4_MAX_ROWS):
+        x = torch.randn(rows, 192).bfloat16()
+        assert_products(codes(x, portable), x, weight)
+
+
+def test_decode_steps_in_one_native_call_compute_what_the_per_op_path_computes(weights, prompt_ids, monkeypatch):
+    """``FusedDecode`` runs the layers' ops of a small decode step in one call: the same numbers, bit for bit."""
+    runner = make_runner(weights, torch.bfloat16, 64 << 20)
+    model, kernels_used = runner.model, runner.model.kernels
+    assert model.fused_decode  # the default GGUF: every projection Q4_1
+    hidden: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    outputs, calls = {}, []
+    logits, q4_decode = model.logits, kernels_used.q4_decode
+    monkeypatch.setattr(kernels_used, "q4_decode", lambda *a: calls.append(1) or q4_decode(*a))
+    for fused in (True, False):
+        model.fused_decode = fused
+        monkeypatch.setattr(model, "logits", lambda h, f=fused: hidden[f].append(h.clone()) or logits(h))
+        requests = [make_request(f"r{i}", p, 12) for i, p in enumerate(prompt_ids[:Linear.SMALL_BATCH])]
+        outputs[fused] = drive(runner, requests)
+        assert len(calls) == 11  # a call for each of the 11 decode steps with it, none more without it
+    assert outputs[True] == outputs[False]
+    assert all(torch.equal(a, b) for a, b in zip(hidden[True], hidden[False], strict=True))

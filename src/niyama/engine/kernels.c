@@ -13,6 +13,8 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -75,12 +77,14 @@ static inline void prefetch(const uint16_t *p, int64_t elements) {
 
 /* One sequence: its kv_heads * group query rows attend to its `len` cached tokens, in one pass with an
  * online softmax (a running maximum rescales what was summed before). Each token's keys, then values, of
- * all heads are one contiguous row, read once; the next block is prefetched while this one is used. */
+ * the kv_heads heads are one contiguous row, read once; the next block is prefetched while this one is used.
+ * token_stride: elements from one token to the next in the cache (kv_heads * dim unless the caller attends
+ * to some of a token's heads, the caches pointing at the first). */
 static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
-                   int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, float scale,
-                   uint16_t *out) {
+                   int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size,
+                   int64_t token_stride, float scale, uint16_t *out) {
     const int32_t rows = kv_heads * group;
-    const int64_t token_stride = (int64_t)kv_heads * dim, block_stride = block_size * token_stride;
+    const int64_t block_stride = block_size * token_stride;
     float qf[MAX_QUERY_ROWS * MAX_HEAD_DIM], acc[MAX_QUERY_ROWS * MAX_HEAD_DIM], row[MAX_HEAD_DIM];
     float maxs[MAX_QUERY_ROWS], sums[MAX_QUERY_ROWS], p[MAX_QUERY_ROWS][SPAN];
     for (int32_t r = 0; r < rows; r++) {
@@ -165,7 +169,7 @@ int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
         /* Round-robin: the runner passes sequences longest first. */
         for (int32_t b = tid; b < num_seqs; b += team) {
             attend(q + b * q_stride, k_cache, v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
-                   dim, block_size, scale, out + b * out_stride);
+                   dim, block_size, (int64_t)kv_heads * dim, scale, out + b * out_stride);
             #pragma omp atomic update
             pending--;
         }
@@ -192,6 +196,39 @@ static void norm_row(const float *x, int64_t cols, const uint16_t *weight, float
     for (int64_t c = 0; c < cols; c++) out[c] = float_to_bf16(round_bf16(x[c] * rstd) * bf16_to_float(weight[c]));
 }
 
+static void add_norm_row(float *h, const uint16_t *delta, int64_t cols, const uint16_t *weight, float eps,
+                         uint16_t *out) {
+    #pragma omp simd
+    for (int64_t c = 0; c < cols; c++) h[c] += bf16_to_float(delta[c]);
+    norm_row(h, cols, weight, eps, out);
+}
+
+static void silu_mul_row(const uint16_t *gate, const uint16_t *up, int64_t cols, uint16_t *out) {
+    #pragma omp simd
+    for (int64_t c = 0; c < cols; c++) {
+        const float g = bf16_to_float(gate[c]);
+        out[c] = float_to_bf16(round_bf16(g / (1.0f + expf(-g))) * bf16_to_float(up[c]));
+    }
+}
+
+/* Rotary embedding in place on `heads` consecutive heads of one token (rotate-half, as transformers:
+ * x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16); c, s: its position's cos/sin. */
+static void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_t *c, const uint16_t *s) {
+    const int32_t half = dim / 2;
+    for (int32_t head = 0; head < heads; head++, x += dim) {
+        #pragma omp simd
+        for (int32_t d = 0; d < half; d++) {
+            const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[d + half]);
+            const float c1 = bf16_to_float(c[d]), c2 = bf16_to_float(c[d + half]);
+            const float s1 = bf16_to_float(s[d]), s2 = bf16_to_float(s[d + half]);
+            const float lo = round_bf16(x1 * c1) + round_bf16(-x2 * s1);
+            const float hi = round_bf16(x2 * c2) + round_bf16(x1 * s2);
+            x[d] = float_to_bf16(lo);
+            x[d + half] = float_to_bf16(hi);
+        }
+    }
+}
+
 /* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), x float32 [rows][cols], out bf16. */
 void niyama_rms_norm(const float *x, int64_t rows, int64_t cols, const uint16_t *weight, float eps, uint16_t *out,
                      int32_t threads) {
@@ -203,56 +240,28 @@ void niyama_rms_norm(const float *x, int64_t rows, int64_t cols, const uint16_t 
 void niyama_add_rms_norm(float *h, const uint16_t *delta, int64_t rows, int64_t cols, const uint16_t *weight,
                          float eps, uint16_t *out, int32_t threads) {
     #pragma omp parallel for num_threads(threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t r = 0; r < rows; r++) {
-        float *x = h + r * cols;
-        const uint16_t *d = delta + r * cols;
-        #pragma omp simd
-        for (int64_t c = 0; c < cols; c++) x[c] += bf16_to_float(d[c]);
-        norm_row(x, cols, weight, eps, out + r * cols);
-    }
+    for (int64_t r = 0; r < rows; r++) add_norm_row(h + r * cols, delta + r * cols, cols, weight, eps, out + r * cols);
 }
 
 /* out = bf16(silu(gate)) * up, from gate_up [rows][2 * cols] (gate first) to out [rows][cols]. */
 void niyama_silu_mul(const uint16_t *gate_up, int64_t rows, int64_t cols, uint16_t *out, int32_t threads) {
     #pragma omp parallel for num_threads(threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *gate = gate_up + r * 2 * cols, *up = gate + cols;
-        uint16_t *o = out + r * cols;
-        #pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            const float g = bf16_to_float(gate[c]);
-            o[c] = float_to_bf16(round_bf16(g / (1.0f + expf(-g))) * bf16_to_float(up[c]));
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * cols, gate_up + r * 2 * cols + cols, cols,
+                                                     out + r * cols);
 }
 
 /* Rotary embedding in place on the query and key heads of qkv rows [rows][(q_heads + 2 * kv_heads) * dim]
- * (rotate-half, as transformers: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16),
- * then each row's keys and values stored at its cache slot (block, offset) of k/v caches
+ * (rope_heads), then each row's keys and values stored at its cache slot (block, offset) of k/v caches
  * [blocks][block_size][kv_heads][dim]. cos/sin: bf16 tables [positions][dim]. */
 void niyama_rope_store_kv(uint16_t *qkv, int64_t rows, int32_t q_heads, int32_t kv_heads, int32_t dim,
                           const uint16_t *cos, const uint16_t *sin, const int64_t *positions,
                           const int64_t *slot_blocks, const int64_t *slot_offsets, uint16_t *k_cache,
                           uint16_t *v_cache, int32_t block_size, int32_t threads) {
-    const int32_t half = dim / 2, rotated = q_heads + kv_heads;
     const int64_t width = (int64_t)(q_heads + 2 * kv_heads) * dim, kv_width = (int64_t)kv_heads * dim;
     #pragma omp parallel for num_threads(threads) if(rows * width >= PARALLEL_MIN_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *row = qkv + r * width;
-        const uint16_t *c = cos + positions[r] * dim, *s = sin + positions[r] * dim;
-        for (int32_t head = 0; head < rotated; head++) {
-            uint16_t *x = row + (int64_t)head * dim;
-            #pragma omp simd
-            for (int32_t d = 0; d < half; d++) {
-                const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[d + half]);
-                const float c1 = bf16_to_float(c[d]), c2 = bf16_to_float(c[d + half]);
-                const float s1 = bf16_to_float(s[d]), s2 = bf16_to_float(s[d + half]);
-                const float lo = round_bf16(x1 * c1) + round_bf16(-x2 * s1);
-                const float hi = round_bf16(x2 * c2) + round_bf16(x1 * s2);
-                x[d] = float_to_bf16(lo);
-                x[d + half] = float_to_bf16(hi);
-            }
-        }
+        rope_heads(row, q_heads + kv_heads, dim, cos + positions[r] * dim, sin + positions[r] * dim);
         const int64_t slot = (slot_blocks[r] * block_size + slot_offsets[r]) * kv_width;
         const uint16_t *k = row + (int64_t)q_heads * dim, *v = k + kv_width;
         for (int64_t i = 0; i < kv_width; i++) {
@@ -410,4 +419,246 @@ void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *co
             default: q8_row(x, rows, in, q, s, y + o, out); break;
         }
     }
+}
+
+/* ---- A 4-bit projection read as the model file's codes (Q4_1: per group of 32 inputs, w = low + step * q,
+ * q in 0..15, fp16 step and low), for a few rows; and a whole decode step of a few sequences in one call.
+ *
+ * The inputs are written as integers too, so that AVX512-VNNI's vpdpbusd multiplies 64 codes by 4 inputs
+ * each and sums them in one instruction. Per group of 32 inputs with a float32 scale, each input is
+ * xscale * (xq + xr / 254) with xq and xr int8 (llama.cpp keeps xq alone, 1/254 of the group's largest
+ * magnitude: on SmolLM2 that moved the greedy token at 3% of positions; with xr the error is ~1/64,000 of
+ * it, far below the bf16 rounding the inputs already carry). sum(w * x) over a group = step * xscale *
+ * (sum(q * xq) + sum(q * xr) / 254) + low * sum(x), the last with the exact float sum of the inputs. The layout puts one
+ * output per 32-bit lane: outputs come 16 at a time (a block), and a block's group is 256 bytes, four
+ * 64-byte chunks; byte 4i + t of chunk c holds, for output i of the block, input 8c + t of the group in its
+ * low nibble and input 8c + 4 + t in its high one. A block's steps and lows are fp16 [groups][16]. */
+
+#define Q4_GROUP 32
+#define Q4_BLOCK 16  /* outputs */
+#define Q4_MAX_ROWS 8
+#define Q4_MAX_GROUPS 512  /* inputs per row / Q4_GROUP */
+
+typedef struct {
+    const uint8_t *codes;  /* [out / 16][in / 32][256], as above */
+    const uint16_t *step, *low;  /* fp16 [out / 16][in / 32][16] */
+    const uint16_t *bias;  /* bf16 [out], or NULL */
+    int64_t out, in;
+} Q4Weight;
+
+/* x bf16 [rows][in] as integers per group: xq and xr (int8, [rows][in]), scales, and exact sums (float32). */
+typedef struct {
+    int8_t xq[Q4_MAX_ROWS * Q4_MAX_GROUPS * Q4_GROUP], xr[Q4_MAX_ROWS * Q4_MAX_GROUPS * Q4_GROUP];
+    float scale[Q4_MAX_ROWS * Q4_MAX_GROUPS], sum[Q4_MAX_ROWS * Q4_MAX_GROUPS];
+} Q4Input;
+
+static void q4_quantize(const uint16_t *x, int64_t rows, int64_t in, Q4Input *qx) {
+    for (int64_t i = 0; i < rows * in / Q4_GROUP; i++) {
+        float v[Q4_GROUP], largest = 0.0f, sum = 0.0f;
+        #pragma omp simd reduction(max:largest) reduction(+:sum)
+        for (int j = 0; j < Q4_GROUP; j++) {
+            v[j] = bf16_to_float(x[i * Q4_GROUP + j]);
+            largest = fabsf(v[j]) > largest ? fabsf(v[j]) : largest;
+            sum += v[j];
+        }
+        const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        #pragma omp simd
+        for (int j = 0; j < Q4_GROUP; j++) {
+            const float q = rintf(v[j] * inverse);
+            qx->xq[i * Q4_GROUP + j] = (int8_t)q;
+            qx->xr[i * Q4_GROUP + j] = (int8_t)rintf((v[j] * inverse - q) * 254.0f);
+        }
+        qx->scale[i] = scale;
+        qx->sum[i] = sum;
+    }
+}
+
+/* Outputs 16 * block .. 16 * block + 15 for `rows` rows (a compile-time constant where inlined, so the
+ * accumulators stay in registers), into y [rows][out]. */
+static inline void q4_block(const Q4Weight *w, int64_t block, const Q4Input *qx, int64_t rows, uint16_t *y) {
+    const int64_t groups = w->in / Q4_GROUP;
+    const uint8_t *codes = w->codes + block * groups * 256;
+    const uint16_t *step = w->step + block * groups * Q4_BLOCK, *low = w->low + block * groups * Q4_BLOCK;
+    float out[Q4_MAX_ROWS][Q4_BLOCK];
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512 acc[Q4_MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0f), high_nibbles = _mm512_set1_epi8((char)0xf0);
+    for (int64_t g = 0; g < groups; g++) {
+        /* q * xq and q * xr; high nibbles are read as 16 q: a shift at the end */
+        __m512i dots[Q4_MAX_ROWS][2], high_dots[Q4_MAX_ROWS][2];
+        for (int64_t r = 0; r < rows; r++)
+            dots[r][0] = dots[r][1] = high_dots[r][0] = high_dots[r][1] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_loadu_si512(codes + g * 256 + 64 * c);
+            const __m512i lo = _mm512_and_si512(v, low_nibbles), hi = _mm512_and_si512(v, high_nibbles);
+            for (int64_t r = 0; r < rows; r++) {
+                int32_t xq[2], xr[2];  /* the 4 inputs of the low nibbles, then the high ones' */
+                memcpy(xq, qx->xq + (r * groups + g) * Q4_GROUP + 8 * c, sizeof xq);
+                memcpy(xr, qx->xr + (r * groups + g) * Q4_GROUP + 8 * c, sizeof xr);
+                dots[r][0] = _mm512_dpbusd_epi32(dots[r][0], lo, _mm512_set1_epi32(xq[0]));
+                high_dots[r][0] = _mm512_dpbusd_epi32(high_dots[r][0], hi, _mm512_set1_epi32(xq[1]));
+                dots[r][1] = _mm512_dpbusd_epi32(dots[r][1], lo, _mm512_set1_epi32(xr[0]));
+                high_dots[r][1] = _mm512_dpbusd_epi32(high_dots[r][1], hi, _mm512_set1_epi32(xr[1]));
+            }
+        }
+        const __m512 steps = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(step + g * Q4_BLOCK)));
+        const __m512 lows = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(low + g * Q4_BLOCK)));
+        for (int64_t r = 0; r < rows; r++) {
+            const __m512i dot = _mm512_add_epi32(dots[r][0], _mm512_srai_epi32(high_dots[r][0], 4));
+            const __m512i rest = _mm512_add_epi32(dots[r][1], _mm512_srai_epi32(high_dots[r][1], 4));
+            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(1.0f / 254.0f),
+                                               _mm512_cvtepi32_ps(dot));
+            const __m512 scale = _mm512_mul_ps(steps, _mm512_set1_ps(qx->scale[r * groups + g]));
+            acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(lows, _mm512_set1_ps(qx->sum[r * groups + g]), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(out[r], acc[r]);
+#else
+    for (int64_t r = 0; r < rows; r++)
+        for (int i = 0; i < Q4_BLOCK; i++) out[r][i] = 0.0f;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t r = 0; r < rows; r++) {
+            const int8_t *xq = qx->xq + (r * groups + g) * Q4_GROUP, *xr = qx->xr + (r * groups + g) * Q4_GROUP;
+            const float xs = qx->scale[r * groups + g], sum = qx->sum[r * groups + g];
+            for (int i = 0; i < Q4_BLOCK; i++) {
+                int32_t dot = 0, rest = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t byte = codes[g * 256 + 64 * c + 4 * i + t];
+                        dot += (byte & 0x0f) * xq[8 * c + t] + (byte >> 4) * xq[8 * c + 4 + t];
+                        rest += (byte & 0x0f) * xr[8 * c + t] + (byte >> 4) * xr[8 * c + 4 + t];
+                    }
+                const float total = (float)rest * (1.0f / 254.0f) + (float)dot;
+                out[r][i] += total * (half_to_float(step[g * Q4_BLOCK + i]) * xs);
+                out[r][i] += half_to_float(low[g * Q4_BLOCK + i]) * sum;
+            }
+        }
+#endif
+    for (int64_t r = 0; r < rows; r++)
+        for (int i = 0; i < Q4_BLOCK; i++) {
+            const int64_t o = block * Q4_BLOCK + i;
+            const float value = w->bias ? round_bf16(out[r][i]) + bf16_to_float(w->bias[o]) : out[r][i];
+            y[r * w->out + o] = float_to_bf16(value);
+        }
+}
+
+/* y [rows][out] = x [rows][in] . W^T (bf16 in and out), inside a parallel region: the blocks of outputs are
+ * shared among its threads; each writes the inputs as integers itself, into scratch[its thread number] (no
+ * barrier). rows <= Q4_MAX_ROWS. */
+static void q4_outputs(const Q4Weight *w, const uint16_t *x, int64_t rows, uint16_t *y, Q4Input *scratch) {
+    Q4Input *qx = scratch + omp_get_thread_num();
+    q4_quantize(x, rows, w->in, qx);
+    #pragma omp for schedule(static)
+    for (int64_t block = 0; block < w->out / Q4_BLOCK; block++) {
+        switch (rows) {  /* constant row counts: accumulators in registers */
+            case 1: q4_block(w, block, qx, 1, y); break;
+            case 2: q4_block(w, block, qx, 2, y); break;
+            case 3: q4_block(w, block, qx, 3, y); break;
+            case 4: q4_block(w, block, qx, 4, y); break;
+            default: q4_block(w, block, qx, rows, y); break;
+        }
+    }
+}
+
+static int q4_supported(const Q4Weight *w) {
+    return w->out % Q4_BLOCK == 0 && w->in % Q4_GROUP == 0 && w->in / Q4_GROUP <= Q4_MAX_GROUPS;
+}
+
+/* One projection (see q4_outputs). Returns 0, or -1 for shapes it does not take. */
+int niyama_q4_linear(const uint16_t *x, int64_t rows, const Q4Weight *w, uint16_t *y, int32_t threads) {
+    if (rows > Q4_MAX_ROWS || !q4_supported(w)) return -1;
+    Q4Input *scratch = malloc(sizeof(Q4Input) * threads);
+    if (!scratch) return -1;
+    #pragma omp parallel num_threads(threads)
+    q4_outputs(w, x, rows, y, scratch);
+    free(scratch);
+    return 0;
+}
+
+typedef struct {
+    const uint16_t *attn_norm, *mlp_norm;  /* bf16 [hidden] */
+    Q4Weight qkv, o, gate_up, down;  /* qkv: q, k, v heads' rows; gate_up: gate rows, then up rows */
+    uint16_t *k_cache, *v_cache;  /* bf16 [blocks][block_size][kv_heads][head_dim] */
+} Q4Layer;
+
+typedef struct {
+    const Q4Layer *layers;
+    int32_t num_layers, heads, kv_heads, head_dim, block_size;
+    int64_t hidden, intermediate;
+    float eps, scale;  /* RMSNorm's epsilon, attention's scale */
+    const uint16_t *cos, *sin;  /* bf16 [positions][head_dim] */
+} Q4Model;
+
+/* A decode step of `rows` sequences (one new token each) through every layer, in one parallel region: the
+ * same arithmetic as the model's per-op path with these projections, without a call, a thread wake-up and a
+ * pause of the memory stream between each op. h: float32 [rows][hidden], the tokens' embeddings in, the last
+ * layer's residual stream out. positions, slot blocks and offsets: each row's; tables [rows][table_width]
+ * and lens (the new token included): as niyama_decode_attention. Returns 0, or -1 for shapes it does not
+ * take. */
+int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *positions, const int64_t *slot_blocks,
+                     const int64_t *slot_offsets, const int32_t *tables, int32_t table_width, const int32_t *lens,
+                     int32_t threads) {
+    const int32_t dim = m->head_dim, kv_heads = m->kv_heads, group = m->heads / m->kv_heads;
+    const int64_t hidden = m->hidden, inter = m->intermediate, kv_width = (int64_t)kv_heads * dim;
+    const int64_t q_width = (int64_t)m->heads * dim, qkv_width = q_width + 2 * kv_width;
+    if (rows > Q4_MAX_ROWS || dim > MAX_HEAD_DIM || m->heads % kv_heads) return -1;
+    for (int32_t l = 0; l < m->num_layers; l++) {
+        const Q4Layer *layer = m->layers + l;
+        if (!q4_supported(&layer->qkv) || !q4_supported(&layer->o) || !q4_supported(&layer->gate_up)
+            || !q4_supported(&layer->down))
+            return -1;
+    }
+    uint16_t *x = malloc(sizeof(uint16_t) * rows * (2 * hidden + qkv_width + q_width + 3 * inter));
+    Q4Input *scratch = malloc(sizeof(Q4Input) * threads);
+    if (!x || !scratch) {
+        free(x);
+        free(scratch);
+        return -1;
+    }
+    uint16_t *qkv = x + rows * hidden, *attn = qkv + rows * qkv_width, *delta = attn + rows * q_width;
+    uint16_t *gate_up = delta + rows * hidden, *act = gate_up + rows * 2 * inter;
+    #pragma omp parallel num_threads(threads)
+    {
+        for (int32_t l = 0; l < m->num_layers; l++) {
+            const Q4Layer *layer = m->layers + l;
+            #pragma omp for
+            for (int32_t b = 0; b < rows; b++) {
+                if (l) add_norm_row(h + b * hidden, delta + b * hidden, hidden, layer->attn_norm, m->eps, x + b * hidden);
+                else norm_row(h + b * hidden, hidden, layer->attn_norm, m->eps, x + b * hidden);
+            }
+            q4_outputs(&layer->qkv, x, rows, qkv, scratch);
+            #pragma omp for schedule(static)
+            for (int32_t item = 0; item < rows * kv_heads; item++) {  /* a sequence's KV head and its query heads */
+                const int32_t b = item / kv_heads, kv = item % kv_heads;
+                uint16_t *row = qkv + b * qkv_width, *q = row + (int64_t)kv * group * dim;
+                uint16_t *k = row + q_width + (int64_t)kv * dim, *v = k + kv_width;
+                const uint16_t *c = m->cos + positions[b] * dim, *s = m->sin + positions[b] * dim;
+                rope_heads(q, group, dim, c, s);
+                rope_heads(k, 1, dim, c, s);
+                const int64_t slot = (slot_blocks[b] * m->block_size + slot_offsets[b]) * kv_width + (int64_t)kv * dim;
+                memcpy(layer->k_cache + slot, k, sizeof(uint16_t) * dim);
+                memcpy(layer->v_cache + slot, v, sizeof(uint16_t) * dim);
+                attend(q, layer->k_cache + (int64_t)kv * dim, layer->v_cache + (int64_t)kv * dim,
+                       tables + (int64_t)b * table_width, lens[b], 1, group, dim, m->block_size, kv_width, m->scale,
+                       attn + b * q_width + (int64_t)kv * group * dim);
+            }
+            q4_outputs(&layer->o, attn, rows, delta, scratch);
+            #pragma omp for
+            for (int32_t b = 0; b < rows; b++)
+                add_norm_row(h + b * hidden, delta + b * hidden, hidden, layer->mlp_norm, m->eps, x + b * hidden);
+            q4_outputs(&layer->gate_up, x, rows, gate_up, scratch);
+            #pragma omp for
+            for (int32_t b = 0; b < rows; b++)
+                silu_mul_row(gate_up + b * 2 * inter, gate_up + b * 2 * inter + inter, inter, act + b * inter);
+            q4_outputs(&layer->down, act, rows, delta, scratch);
+        }
+        #pragma omp for
+        for (int32_t b = 0; b < rows; b++)
+            for (int64_t c = 0; c < hidden; c++) h[b * hidden + c] += bf16_to_float(delta[b * hidden + c]);
+    }
+    free(x);
+    free(scratch);
+    return 0;
 }

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from niyama.engine.attention import AttentionMetadata, paged_attention, write_kv
+from niyama.engine.attention import AttentionMetadata, DecodeBatch, paged_attention, write_kv
 from niyama.engine.config import ModelConfig, native_bf16
 from niyama.engine.kv_cache import KVCache
-from niyama.engine.native import MemoryList, NativeKernels, load_native_kernels
+from niyama.engine.native import MemoryList, NativeKernels, Q4Layer, Q4Model, load_native_kernels
 from niyama.engine.quantized import Int4Codes, Int8Codes, file_codes
 
 
@@ -112,8 +112,9 @@ class Linear:
 
     PLAIN, PACKED, WIDE = "plain", "packed", "wide"
     # Rows up to which small batches take other kernels. WIDE: measured crossover on a 2-core AVX2 EPYC (all
-    # layers: 44 ms either way at 6 rows). Quantized, a whole decode step on a 2-core Xeon with AMX: 12.3 vs
-    # 24.4 ms bf16 at 1 row, 23.1 vs 26.9 at 6, 26.9 vs 28.5 at 8; the int4 kernel alone is slower from ~10.
+    # layers: 44 ms either way at 6 rows). Codes, a whole decode step on a 2-core Xeon with AMX (2026-12-06,
+    # FusedDecode, a slow spell): 5.3 vs 32 ms bf16 at 1 row, 19 vs 42 at 6, 25 vs 37 at 8 -- the codes
+    # would still gain at 7-8 rows (the kernels take up to 8), but one value serves both layouts.
     SMALL_BATCH = 6
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
@@ -167,6 +168,34 @@ class Layer:
     # What a small batch reads after its attention (the codes of o, gate_up and down): the attention kernel's
     # threads read it into the cache once done with their sequences, while the others still attend.
     ahead: MemoryList | None = None
+
+
+class FusedDecode:
+    """Decode steps of a few sequences through every layer in one native call (``niyama_q4_decode``), for a
+    model whose projections all have 4-bit codes: no per-op call, thread wake-up or pause of the memory
+    stream between the ~10 ops of each layer. The same arithmetic as the per-op path on those codes."""
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache):
+        cfg = model.config
+        self.kv_cache = kv_cache
+        layers = []
+        for i, layer in enumerate(model.layers):
+            k_cache, v_cache = kv_cache.layer(i)
+            weights = [x.codes.native(x.bias) for x in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            layers.append(Q4Layer(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), *weights,
+                                  k_cache.data_ptr(), v_cache.data_ptr()))
+        self.layers = (Q4Layer * len(layers))(*layers)
+        self.model = Q4Model(self.layers, len(layers), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                             kv_cache.block_size, cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps,
+                             cfg.head_dim ** -0.5, model.cos.data_ptr(), model.sin.data_ptr())
+        self.kernels = model.kernels
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """``h``: the batch's embeddings (float32, one row per sequence), replaced by the last layer's output."""
+        decodes = meta.decodes
+        assert isinstance(decodes, DecodeBatch)
+        self.kernels.q4_decode(self.model, h, positions, meta.slot_blocks, meta.slot_offsets, decodes.tables,
+                               decodes.lens)
 
 
 class LlamaModel:
@@ -243,6 +272,11 @@ class LlamaModel:
         self.head_codes = head_codes if isinstance(head_codes, Int8Codes) else None
         self.quantized = self.head_codes is not None or any(
             x.codes is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        # Decode steps of at most SMALL_BATCH sequences run in one native call when every projection has
+        # 4-bit codes (``FusedDecode``, built for the KV cache it is given).
+        self.fused_decode = all(isinstance(x.codes, Int4Codes) for layer in self.layers
+                                for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self._fused: FusedDecode | None = None
         # Batches of at most this many rows run other kernels (bf16 or quantized weights) and cost much less.
         self.small_batch_rows = Linear.SMALL_BATCH if self.wide or self.quantized else None
         inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
@@ -262,6 +296,11 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         small = input_ids.shape[0] <= Linear.SMALL_BATCH
         h = F.embedding(input_ids, self.embed).float()
+        if small and self.fused_decode and not meta.prefills:
+            if self._fused is None or self._fused.kv_cache is not kv_cache:
+                self._fused = FusedDecode(self, kv_cache)
+            self._fused(h, positions, meta)
+            return h
         x = ops.rms_norm(h, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache.layer(i)

@@ -33,7 +33,28 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # whole process when the library loads (subnormal floats would vanish everywhere, not just here).
 COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
-MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS = 256, 64, 8  # as in kernels.c
+MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS, Q4_MAX_ROWS = 256, 64, 8, 8  # as in kernels.c
+
+
+class Q4Weight(ctypes.Structure):
+    """A 4-bit projection as ``kernels.c`` reads it (``niyama.engine.quantized.Int4Codes``)."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("step", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
+
+
+class Q4Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", Q4Weight), ("o", Q4Weight),
+                ("gate_up", Q4Weight), ("down", Q4Weight), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class Q4Model(ctypes.Structure):
+    """A model whose projections are all 4-bit, with its KV cache, for ``NativeKernels.q4_decode``."""
+
+    _fields_ = [("layers", ctypes.POINTER(Q4Layer)), ("num_layers", ctypes.c_int32), ("heads", ctypes.c_int32),
+                ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("block_size", ctypes.c_int32),
+                ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
 
 
 class MemoryList:
@@ -69,6 +90,12 @@ class NativeKernels:
         self._argmax.argtypes = [ptr, i64, i64, ptr, i32]
         self._q8_linear = lib.niyama_q8_linear
         self._q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+        self._q4_linear = lib.niyama_q4_linear
+        self._q4_linear.argtypes = [ptr, i64, ctypes.POINTER(Q4Weight), ptr, i32]
+        self._q4_decode = lib.niyama_q4_decode
+        self._q4_decode.argtypes = [ctypes.POINTER(Q4Model), ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, i32]
+        for f in (self._q4_linear, self._q4_decode):
+            f.restype = ctypes.c_int
         for f in (self._rms_norm, self._add_rms_norm, self._silu_mul, self._rope_store_kv, self._rescored_logits,
                   self._argmax, self._q8_linear):
             f.restype = None
@@ -157,6 +184,24 @@ class NativeKernels:
         self._q8_linear(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scales.data_ptr(), codes.shape[0],
                         out.data_ptr(), torch.get_num_threads())
         return out
+
+    def q4_linear(self, x: torch.Tensor, weight: Q4Weight) -> torch.Tensor:
+        """Bf16 ``x [N, in] . W^T`` (N <= 8) for a 4-bit ``weight``, float32 sums, bf16 out."""
+        x = x.to(torch.bfloat16).contiguous()
+        out = torch.empty(x.shape[0], weight.out, dtype=torch.bfloat16)
+        if self._q4_linear(x.data_ptr(), x.shape[0], ctypes.byref(weight), out.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"q4_linear: unsupported shape ({x.shape[0]} rows, {weight.in_} inputs)")
+        return out
+
+    def q4_decode(self, model: Q4Model, h: torch.Tensor, positions: torch.Tensor, slot_blocks: torch.Tensor,
+                  slot_offsets: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
+        """A decode step of ``h``'s rows (float32 ``[B, hidden]``, contiguous: embeddings in, the last layer's
+        residual stream out) through every layer of ``model``. positions, slot blocks and offsets ``[B]`` int64;
+        tables and lens as ``decode_attention``'s."""
+        if self._q4_decode(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
+                           slot_blocks.data_ptr(), slot_offsets.data_ptr(), tables.data_ptr(), tables.shape[1],
+                           lens.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"q4_decode: unsupported shape ({h.shape[0]} rows)")
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's first maximum of float32 ``x [N, V]`` (torch's ``max(dim).indices``)."""

@@ -4,44 +4,58 @@ A decode step of a few sequences reads every weight once, so its time is the wei
 bandwidth: in bf16, SmolLM2-135M's 30 layers take ~17 ms a step on a 2-core Xeon whatever the kernel, and
 its head ~4 ms more. The default GGUF stores the projections as Q4_1 (each group of 32 inputs of a row holds
 16 evenly spaced values, ``low + step * q`` with ``q`` in 0..15) and the head as Q8_0 (``scale * q`` with
-``q`` in -127..127), with fp16 scales. Read as codes, the same weights are 5 and 8.5 bits each instead of 16:
-torch's int4 kernel reads 4-bit codes (5.2 vs 17 ms for the layers at one row), a native kernel the 8-bit
-ones (``niyama_q8_linear``, exact float32 products).
+``q`` in -127..127), with fp16 scales. Read as codes, the same weights are 5 and 8.5 bits each instead of 16,
+by native kernels: ``niyama_q4_linear`` (integer dot products with AVX512-VNNI, the inputs written as two
+int8 per value, 16 outputs at a time) and ``niyama_q8_linear`` (exact float32 products). A model whose
+projections are all 4-bit runs a small decode step through every layer in one native call
+(``niyama.engine.model.FusedDecode``).
 
 Nothing is quantized that was not: a weight gets codes only if they rebuild it exactly (``file_codes``).
-The 8-bit path is exact; the 4-bit one rounds each group's step and offset to bf16 (torch's format) where
-the bf16 path rounds every weight. Large batches keep the bf16 weights (oneDNN/AMX): these kernels compute
-per row and are slower there.
+The 8-bit path is exact; the 4-bit one rounds each input to ~1/64,000 of its group's largest magnitude
+(far below the bf16 rounding it already carries) and keeps the file's steps and offsets exact. Large
+batches keep the bf16 weights (oneDNN/AMX): these kernels compute per row and are slower there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from niyama.engine.native import NativeKernels
+from niyama.engine.native import NativeKernels, Q4Weight
 
 GROUP = 32  # inputs per group, as in Q4_0/Q4_1/Q8_0
+BLOCK = 16  # outputs the 4-bit kernel computes together
 
 
 class Int4Codes:
-    """A weight ``[out, in]`` as 4-bit codes, read by torch's int4 kernel (bf16 in and out)."""
+    """A weight ``[out, in]`` as 4-bit codes and fp16 steps and offsets per group, read by the native kernel
+    (bf16 in and out, float32 sums of exact products: ``niyama_q4_linear``)."""
 
     bits = 4
 
     def __init__(self, codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor):
         """``codes`` ``[out, in]`` in 0..15, ``step`` and ``low`` ``[out, in / GROUP]``: w = low + step * q."""
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        # The kernel computes (q - 8) * scale + zero.
-        self.scales_zeros = torch.stack((step, low + 8 * step), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        out, inp = codes.shape
+        blocks, groups = out // BLOCK, inp // GROUP
+        # Per block of 16 outputs and group: 4 chunks of 16 outputs x 4 bytes; byte t of output i in chunk c
+        # holds input 8c + t (low nibble) and 8c + 4 + t (high nibble) of the group (kernels.c).
+        c = codes.to(torch.uint8).view(blocks, BLOCK, groups, 4, 2, 4)
+        self.codes = (c[..., 0, :] | c[..., 1, :] << 4).permute(0, 2, 3, 1, 4).contiguous()
+        self.step, self.low = (t.half().view(blocks, BLOCK, groups).transpose(1, 2).contiguous() for t in (step, low))
+        self.weight = self.native(None)
+
+    def native(self, bias: torch.Tensor | None) -> Q4Weight:
+        """The weight as the kernels take it, with a bf16 ``bias`` or none (the tensors must outlive it)."""
+        blocks, groups = self.step.shape[:2]
+        return Q4Weight(self.codes.data_ptr(), self.step.data_ptr(), self.low.data_ptr(),
+                        None if bias is None else bias.data_ptr(), blocks * BLOCK, groups * GROUP)
 
     def __call__(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
-        x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        return kernels.q4_linear(x, self.weight)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The memory a product reads."""
-        return self.packed, self.scales_zeros
+        return self.codes, self.step, self.low
 
 
 class Int8Codes:
@@ -79,7 +93,7 @@ def file_codes(weight: torch.Tensor) -> Int4Codes | Int8Codes | None:
     """The codes of a float32 ``[out, in]`` weight whose every group of ``GROUP`` inputs lies on a Q4_1 grid
     (16 evenly spaced values from its minimum to its maximum, fp16 step and minimum) or else on a Q8_0 grid
     (its fp16 scale times integers in -127..127, the largest magnitude 127); None for any other weight, and
-    for a 4-bit one whose rows torch's kernel cannot pack (not a multiple of 16)."""
+    for a 4-bit one whose rows are not whole pairs of groups (the kernel reads two at a time)."""
     out, inp = weight.shape
     if inp % GROUP:
         return None
@@ -88,7 +102,7 @@ def file_codes(weight: torch.Tensor) -> Int4Codes | Int8Codes | None:
     step = _fp16_step((groups.amax(dim=-1, keepdim=True) - low) / 15)
     codes = ((groups - low) / step).round_().clamp_(0, 15)
     if _on_grid(codes, step, low, groups):
-        if out % 16:
+        if out % BLOCK:
             return None
         return Int4Codes(codes.reshape(out, inp), step.squeeze(-1), low.squeeze(-1))
     scale = _fp16_step(groups.abs().amax(dim=-1, keepdim=True) / 127)
