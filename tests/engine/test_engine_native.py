@@ -160,7 +160,7 @@ def test_bf16_decode_steps_agree_with_fp32(weights, engine32, prompt_ids, native
     runner = make_runner(weights, torch.bfloat16, 64 << 20, native_kernels, quantized)
     assert (runner.model.kernels is not None) == native_kernels
     assert runner.model.quantized == quantized  # the default GGUF: Q4_1 projections, a Q8_0 head
-    # Quantized, decode steps of 4 sequences (at most Linear.SMALL_BATCH rows) read the codes.
+    # Quantized, decode steps of 4 sequences (at most Linear.CODES_BATCH rows) read the codes.
     group = 4 if quantized else len(prompt_ids)
     predictions = [p for i in range(0, len(prompt_ids), group)
                    for p in teacher_forced_predictions(runner, prompt_ids[i:i + group], continuations[i:i + group])]

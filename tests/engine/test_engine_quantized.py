@@ -98,14 +98,14 @@ def test_small_batches_read_the_codes_and_large_ones_the_bf16_weight():
     weight = q4_1_weight(64, 128, seed=1)
     bias = torch.randn(64).bfloat16()
     linear = Linear(weight.bfloat16(), bias, Linear.PLAIN, file_codes(weight), kernels)
-    small, large = torch.randn(Linear.SMALL_BATCH, 128).bfloat16(), torch.randn(Linear.SMALL_BATCH + 1, 128).bfloat16()
+    small, large = torch.randn(Linear.CODES_BATCH, 128).bfloat16(), torch.randn(Linear.CODES_BATCH + 1, 128).bfloat16()
     assert torch.equal(linear(small), linear.codes(small, kernels) + bias)
     assert torch.equal(linear(large), torch.nn.functional.linear(large, weight.bfloat16(), bias))
 
 
 def test_the_default_model_reads_its_codes_in_small_batches_only_where_asked(weights):
     on = make_runner(weights, torch.bfloat16, 16 << 20).model
-    assert on.quantized and on.small_batch_rows == Linear.SMALL_BATCH
+    assert on.quantized and on.small_batch_rows == Linear.CODES_BATCH
     # The default GGUF: Q4_1 projections, a Q8_0 head (tied with the embeddings).
     assert all(isinstance(x.codes, Int4Codes) for layer in on.layers for x in (layer.qkv, layer.o, layer.gate_up,
                                                                                 layer.down))
@@ -118,7 +118,7 @@ def test_the_default_model_reads_its_codes_in_small_batches_only_where_asked(wei
 
 def test_small_batches_get_exact_logits_from_the_8_bit_head(weights):
     model = make_runner(weights, torch.bfloat16, 16 << 20).model
-    hidden = torch.randn(Linear.SMALL_BATCH, weights[0].hidden_size)
+    hidden = torch.randn(Linear.CODES_BATCH, weights[0].hidden_size)
     exact = torch.nn.functional.linear(rms_norm(hidden, model.norm, model.config.rms_norm_eps), model.lm_head)
     torch.testing.assert_close(model.logits(hidden), exact, rtol=1e-5, atol=1e-4)
 
@@ -169,7 +169,7 @@ def test_decode_steps_in_one_native_call_compute_what_the_per_op_path_computes(w
     for fused in (True, False):
         model.fused_decode = fused
         monkeypatch.setattr(model, "logits", lambda h, f=fused: hidden[f].append(h.clone()) or logits(h))
-        requests = [make_request(f"r{i}", p, 12) for i, p in enumerate(prompt_ids[:Linear.SMALL_BATCH])]
+        requests = [make_request(f"r{i}", p, 12) for i, p in enumerate(prompt_ids[:Linear.CODES_BATCH])]
         outputs[fused] = drive(runner, requests)
         assert len(calls) == 11  # a call for each of the 11 decode steps with it, none more without it
     assert outputs[True] == outputs[False]

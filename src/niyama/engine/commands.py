@@ -30,7 +30,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run every step in torch (default: bf16 on the CPU runs attention over the KV cache and the "
                    "element-wise steps in kernels compiled for this machine at first use)")
     p.add_argument("--no-quantized", dest="quantized", action="store_false",
-                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 6 "
+                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 8 "
                    "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
 
 

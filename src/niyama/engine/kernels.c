@@ -428,11 +428,12 @@ void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *co
  * each and sums them in one instruction. Per group of 32 inputs with a float32 scale, each input is
  * xscale * (xq + xr / 254) with xq and xr int8 (llama.cpp keeps xq alone, 1/254 of the group's largest
  * magnitude: on SmolLM2 that moved the greedy token at 3% of positions; with xr the error is ~1/64,000 of
- * it, far below the bf16 rounding the inputs already carry). sum(w * x) over a group = step * xscale *
- * (sum(q * xq) + sum(q * xr) / 254) + low * sum(x), the last with the exact float sum of the inputs. The layout puts one
- * output per 32-bit lane: outputs come 16 at a time (a block), and a block's group is 256 bytes, four
- * 64-byte chunks; byte 4i + t of chunk c holds, for output i of the block, input 8c + t of the group in its
- * low nibble and input 8c + 4 + t in its high one. A block's steps and lows are fp16 [groups][16]. */
+ * it, far below the bf16 rounding the inputs already carry). Over a group, sum(w * x) = step * xscale *
+ * (sum(q * xq) + sum(q * xr) / 254) + low * sum(x), the last with the exact float sum of the inputs.
+ * The layout puts one output per 32-bit lane: outputs come 16 at a time (a block), and a block's group is
+ * 256 bytes, four 64-byte chunks; byte 4i + t of chunk c holds, for output i of the block, input 8c + t of
+ * the group in its low nibble and input 8c + 4 + t in its high one. A block's steps and lows are fp16
+ * [groups][16]. */
 
 #define Q4_GROUP 32
 #define Q4_BLOCK 16  /* outputs */

@@ -107,15 +107,15 @@ class Linear:
     - ``PLAIN``: ``F.linear`` on the weight as it is (float32, CUDA).
 
     With ``codes`` (bf16 on the CPU with native kernels, a weight the model file stores in 4 or 8 bits:
-    ``niyama.engine.quantized``), batches of at most ``SMALL_BATCH`` rows read those codes instead.
+    ``niyama.engine.quantized``), batches of at most ``CODES_BATCH`` rows read those codes instead.
     """
 
     PLAIN, PACKED, WIDE = "plain", "packed", "wide"
-    # Rows up to which small batches take other kernels. WIDE: measured crossover on a 2-core AVX2 EPYC (all
-    # layers: 44 ms either way at 6 rows). Codes, a whole decode step on a 2-core Xeon with AMX (2026-12-06,
-    # FusedDecode, a slow spell): 5.3 vs 32 ms bf16 at 1 row, 19 vs 42 at 6, 25 vs 37 at 8 -- the codes
-    # would still gain at 7-8 rows (the kernels take up to 8), but one value serves both layouts.
+    # Rows up to which small batches take other kernels. WIDE: the measured crossover on a 2-core AVX2 EPYC
+    # (all layers: 44 ms either way at 6 rows). Codes: the kernels' limit (a whole decode step on a 2-core Xeon
+    # with AMX, 2026-12-06, a slow spell: 5.3 vs 32 ms bf16 at 1 row, 19 vs 42 at 6, 25 vs 37 at 8).
     SMALL_BATCH = 6
+    CODES_BATCH = 8
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                  codes: Int4Codes | Int8Codes | None = None, kernels: NativeKernels | None = None):
@@ -128,7 +128,7 @@ class Linear:
         self.kernels = kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.codes is not None and x.shape[0] <= self.SMALL_BATCH:
+        if self.codes is not None and x.shape[0] <= self.CODES_BATCH:
             y = self.codes(x, self.kernels)
             y = y if y.dtype == torch.bfloat16 else y.to(torch.bfloat16)  # codes exist only with bf16 native kernels
             return y if self.bias is None else y + self.bias
@@ -272,13 +272,13 @@ class LlamaModel:
         self.head_codes = head_codes if isinstance(head_codes, Int8Codes) else None
         self.quantized = self.head_codes is not None or any(
             x.codes is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        # Decode steps of at most SMALL_BATCH sequences run in one native call when every projection has
+        # Decode steps of at most CODES_BATCH sequences run in one native call when every projection has
         # 4-bit codes (``FusedDecode``, built for the KV cache it is given).
         self.fused_decode = all(isinstance(x.codes, Int4Codes) for layer in self.layers
                                 for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._fused: FusedDecode | None = None
         # Batches of at most this many rows run other kernels (bf16 or quantized weights) and cost much less.
-        self.small_batch_rows = Linear.SMALL_BATCH if self.wide or self.quantized else None
+        self.small_batch_rows = Linear.CODES_BATCH if self.quantized else Linear.SMALL_BATCH if self.wide else None
         inv_freq = rope_inv_freq(config, state.get("rope_freqs")).to(device)
         positions = torch.arange(config.context_length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
@@ -294,7 +294,7 @@ class LlamaModel:
         """
         cfg, ops = self.config, self.ops
         eps = cfg.rms_norm_eps
-        small = input_ids.shape[0] <= Linear.SMALL_BATCH
+        small = input_ids.shape[0] <= Linear.CODES_BATCH
         h = F.embedding(input_ids, self.embed).float()
         if small and self.fused_decode and not meta.prefills:
             if self._fused is None or self._fused.kv_cache is not kv_cache:
@@ -321,10 +321,10 @@ class LlamaModel:
         In bf16, for batches of at most ``Linear.SMALL_BATCH`` rows (any batch where bf16 is native), only the
         ``RESCORED`` highest logits of each row are exact; the rest carry bf16 rounding (about 0.4%), which
         moves no greedy choice and only the far tail of a sampled distribution. A head the model file stores
-        in 8 bits gives batches of at most ``Linear.SMALL_BATCH`` rows exact logits, read as its codes.
+        in 8 bits gives batches of at most ``Linear.CODES_BATCH`` rows exact logits, read as its codes.
         """
         x = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        if self.head_codes is not None and x.shape[0] <= Linear.SMALL_BATCH:
+        if self.head_codes is not None and x.shape[0] <= Linear.CODES_BATCH:
             return self.head_codes(x, self.kernels)
         if self.lm_head_low is None or (self.wide and x.shape[0] > Linear.SMALL_BATCH):
             return F.linear(x, self.lm_head)

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                    help="run every engine step in torch (default: bf16 on the CPU runs attention over the KV cache "
                    "and the element-wise steps in kernels compiled for this machine at first use)")
     p.add_argument("--no-quantized", dest="quantized", action="store_false",
-                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 6 "
+                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 8 "
                    "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
