@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from niyama.engine.model import Linear, rms_norm
-from niyama.engine.native import Q4_MAX_ROWS, Q8_MAX_ROWS, load_native_kernels
+from niyama.engine.native import Q4_MAX_GROUPS, Q4_MAX_ROWS, Q8_MAX_ROWS, load_native_kernels
 from niyama.engine.quantized import GROUP, Int4Codes, Int8Codes, file_codes
 from tests.engine.helpers import drive, make_request, make_runner
 
@@ -81,6 +81,7 @@ def test_weights_that_are_not_quantized_get_no_codes():
         assert file_codes(weight) is None
     assert file_codes(q4_1_weight(48, 96)[:, :80]) is None  # inputs not whole groups
     assert file_codes(q4_1_weight(40, 96)) is None  # the 4-bit kernel computes 16 outputs at a time
+    assert file_codes(q4_1_weight(16, 32 * (Q4_MAX_GROUPS + 1))) is None  # and takes at most 512 groups
     assert isinstance(file_codes(q8_0_weight(40, 96)), Int8Codes)
 
 

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # whole process when the library loads (subnormal floats would vanish everywhere, not just here).
 COMPILE_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
-MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS, Q4_MAX_ROWS = 256, 64, 8, 8  # as in kernels.c
+MAX_HEAD_DIM, MAX_QUERY_ROWS, Q8_MAX_ROWS, Q4_MAX_ROWS, Q4_MAX_GROUPS = 256, 64, 8, 8, 512  # as in kernels.c
 
 
 class Q4Weight(ctypes.Structure):

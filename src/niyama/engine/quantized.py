@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from niyama.engine.native import NativeKernels, Q4Weight
+from niyama.engine.native import Q4_MAX_GROUPS, NativeKernels, Q4Weight
 
 GROUP = 32  # inputs per group, as in Q4_0/Q4_1/Q8_0
 BLOCK = 16  # outputs the 4-bit kernel computes together
@@ -93,7 +93,7 @@ def file_codes(weight: torch.Tensor) -> Int4Codes | Int8Codes | None:
     """The codes of a float32 ``[out, in]`` weight whose every group of ``GROUP`` inputs lies on a Q4_1 grid
     (16 evenly spaced values from its minimum to its maximum, fp16 step and minimum) or else on a Q8_0 grid
     (its fp16 scale times integers in -127..127, the largest magnitude 127); None for any other weight, and
-    for a 4-bit one whose rows are not whole pairs of groups (the kernel reads two at a time)."""
+    for a 4-bit one the kernel does not take (outputs not a multiple of 16, more than 512 groups of inputs)."""
     out, inp = weight.shape
     if inp % GROUP:
         return None
@@ -102,7 +102,7 @@ def file_codes(weight: torch.Tensor) -> Int4Codes | Int8Codes | None:
     step = _fp16_step((groups.amax(dim=-1, keepdim=True) - low) / 15)
     codes = ((groups - low) / step).round_().clamp_(0, 15)
     if _on_grid(codes, step, low, groups):
-        if out % BLOCK:
+        if out % BLOCK or inp // GROUP > Q4_MAX_GROUPS:
             return None
         return Int4Codes(codes.reshape(out, inp), step.squeeze(-1), low.squeeze(-1))
     scale = _fp16_step(groups.abs().amax(dim=-1, keepdim=True) / 127)
