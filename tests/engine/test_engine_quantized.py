@@ -124,21 +124,26 @@ def test_small_batches_get_exact_logits_from_the_8_bit_head(weights):
     torch.testing.assert_close(model.logits(hidden), exact, rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def portable(tmp_path_factory):
-    """The portable C paths (CPUs without AVX-512, and the fp16 conversion without F16C), built on purpose."""
+def build_kernels(directory, *flags: str):
+    """The kernels built with extra compiler flags (to take another C path on this machine)."""
     import ctypes
 
     from niyama.engine import native
 
-    path = tmp_path_factory.mktemp("portable") / "portable.so"
-    flags = native.COMPILE_FLAGS
+    path = directory / "kernels.so"
+    compile_flags = native.COMPILE_FLAGS
     try:
-        native.COMPILE_FLAGS = (*flags, "-mno-avx512f", "-mno-f16c")
+        native.COMPILE_FLAGS = (*compile_flags, *flags)
         native.build(path)
     finally:
-        native.COMPILE_FLAGS = flags
+        native.COMPILE_FLAGS = compile_flags
     return native.NativeKernels(ctypes.CDLL(str(path)))
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The portable C paths (CPUs without AVX-512, and the fp16 conversion without F16C)."""
+    return build_kernels(tmp_path_factory.mktemp("portable"), "-mno-avx512f", "-mno-f16c")
 
 
 def test_the_8_bit_kernel_without_avx512_or_f16c_gives_the_same_products(portable):
@@ -150,12 +155,30 @@ def test_the_8_bit_kernel_without_avx512_or_f16c_gives_the_same_products(portabl
         torch.testing.assert_close(codes(x, portable), x @ weight.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_4_bit_kernel_without_avx512_or_f16c_gives_the_same_products(portable):
+def test_the_4_bit_kernel_with_avx2_only_gives_the_same_products(tmp_path):
+    """The AVX2 path (CPUs without AVX512-VNNI) computes the same integer sums, in the same float order."""
+    avx2 = build_kernels(tmp_path, "-mno-avx512f")
+    assert avx2.q4_vectorized
     weight = q4_1_weight(32, 192, seed=3)
     codes = file_codes(weight)
     for rows in (1, 3, Q4_MAX_ROWS):
         x = torch.randn(rows, 192).bfloat16()
-        assert_products(codes(x, portable), x, weight)
+        assert_products(codes(x, avx2), x, weight)
+        assert torch.equal(codes(x, avx2), codes(x, kernels))
+
+
+def test_without_a_vector_path_the_4_bit_weights_stay_bf16(portable, weights, monkeypatch):
+    """A scalar 4-bit loop would be slower than the bf16 weights: such a build has none, and the model reads
+    bf16 projections (the 8-bit head keeps its codes)."""
+    from niyama.engine import model as model_module
+
+    assert not portable.q4_vectorized
+    with pytest.raises(ValueError, match="unsupported shape"):
+        file_codes(q4_1_weight(16, 64))(torch.randn(1, 64), portable)
+    monkeypatch.setattr(model_module, "load_native_kernels", lambda: portable)
+    model = make_runner(weights, torch.bfloat16, 16 << 20).model
+    assert model.kernels is portable and not model.fused_decode
+    assert all(layer.qkv.codes is None for layer in model.layers) and isinstance(model.head_codes, Int8Codes)
 
 
 def test_decode_steps_in_one_native_call_compute_what_the_per_op_path_computes(weights, prompt_ids, monkeypatch):

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <omp.h>
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -425,7 +425,8 @@ void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *co
  * q in 0..15, fp16 step and low), for a few rows; and a whole decode step of a few sequences in one call.
  *
  * The inputs are written as integers too, so that AVX512-VNNI's vpdpbusd multiplies 64 codes by 4 inputs
- * each and sums them in one instruction. Per group of 32 inputs with a float32 scale, each input is
+ * each and sums them in one instruction (AVX2: vpmaddubsw and vpmaddwd, ~1.4x the time; a build with
+ * neither has no 4-bit path, see niyama_q4_vectorized). Per group of 32 inputs with a float32 scale, each input is
  * xscale * (xq + xr / 254) with xq and xr int8 (llama.cpp keeps xq alone, 1/254 of the group's largest
  * magnitude: on SmolLM2 that moved the greedy token at 3% of positions; with xr the error is ~1/64,000 of
  * it, far below the bf16 rounding the inputs already carry). Over a group, sum(w * x) = step * xscale *
@@ -439,6 +440,11 @@ void niyama_q8_linear(const float *x, int64_t rows, int64_t in, const int8_t *co
 #define Q4_BLOCK 16  /* outputs */
 #define Q4_MAX_ROWS 8
 #define Q4_MAX_GROUPS 512  /* inputs per row / Q4_GROUP */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define Q4_VNNI 1
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define Q4_AVX2 1
+#endif
 
 typedef struct {
     const uint8_t *codes;  /* [out / 16][in / 32][256], as above */
@@ -446,6 +452,22 @@ typedef struct {
     const uint16_t *bias;  /* bf16 [out], or NULL */
     int64_t out, in;
 } Q4Weight;
+
+typedef struct {
+    const uint16_t *attn_norm, *mlp_norm;  /* bf16 [hidden] */
+    Q4Weight qkv, o, gate_up, down;  /* qkv: q, k, v heads' rows; gate_up: gate rows, then up rows */
+    uint16_t *k_cache, *v_cache;  /* bf16 [blocks][block_size][kv_heads][head_dim] */
+} Q4Layer;
+
+typedef struct {
+    const Q4Layer *layers;
+    int32_t num_layers, heads, kv_heads, head_dim, block_size;
+    int64_t hidden, intermediate;
+    float eps, scale;  /* RMSNorm's epsilon, attention's scale */
+    const uint16_t *cos, *sin;  /* bf16 [positions][head_dim] */
+} Q4Model;
+
+#if defined(Q4_VNNI) || defined(Q4_AVX2)
 
 /* x bf16 [rows][in] as integers per group: xq and xr (int8, [rows][in]), scales, and exact sums (float32). */
 typedef struct {
@@ -462,7 +484,8 @@ static void q4_quantize(const uint16_t *x, int64_t rows, int64_t in, Q4Input *qx
             largest = fabsf(v[j]) > largest ? fabsf(v[j]) : largest;
             sum += v[j];
         }
-        const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        /* A group too small for 127 / largest to be finite (below ~4e-37) is read as zeros. */
+        const float scale = largest / 127.0f, inverse = largest > 127.0f / FLT_MAX ? 127.0f / largest : 0.0f;
         #pragma omp simd
         for (int j = 0; j < Q4_GROUP; j++) {
             const float q = rintf(v[j] * inverse);
@@ -481,7 +504,7 @@ static inline void q4_block(const Q4Weight *w, int64_t block, const Q4Input *qx,
     const uint8_t *codes = w->codes + block * groups * 256;
     const uint16_t *step = w->step + block * groups * Q4_BLOCK, *low = w->low + block * groups * Q4_BLOCK;
     float out[Q4_MAX_ROWS][Q4_BLOCK];
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#ifdef Q4_VNNI
     __m512 acc[Q4_MAX_ROWS];
     for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     const __m512i low_nibbles = _mm512_set1_epi8(0x0f), high_nibbles = _mm512_set1_epi8((char)0xf0);
@@ -517,25 +540,42 @@ static inline void q4_block(const Q4Weight *w, int64_t block, const Q4Input *qx,
     }
     for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(out[r], acc[r]);
 #else
-    for (int64_t r = 0; r < rows; r++)
-        for (int i = 0; i < Q4_BLOCK; i++) out[r][i] = 0.0f;
+    /* The same sums with AVX2: vpmaddubsw + vpmaddwd in place of vpdpbusd (pairs of products fit int16: the
+     * high nibbles are shifted down first), each 64-byte chunk as two halves of 8 outputs. */
+    __m256 acc[Q4_MAX_ROWS][2];
+    for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int64_t g = 0; g < groups; g++)
-        for (int64_t r = 0; r < rows; r++) {
-            const int8_t *xq = qx->xq + (r * groups + g) * Q4_GROUP, *xr = qx->xr + (r * groups + g) * Q4_GROUP;
-            const float xs = qx->scale[r * groups + g], sum = qx->sum[r * groups + g];
-            for (int i = 0; i < Q4_BLOCK; i++) {
-                int32_t dot = 0, rest = 0;
-                for (int c = 0; c < 4; c++)
-                    for (int t = 0; t < 4; t++) {
-                        const uint8_t byte = codes[g * 256 + 64 * c + 4 * i + t];
-                        dot += (byte & 0x0f) * xq[8 * c + t] + (byte >> 4) * xq[8 * c + 4 + t];
-                        rest += (byte & 0x0f) * xr[8 * c + t] + (byte >> 4) * xr[8 * c + 4 + t];
+        for (int half = 0; half < 2; half++) {
+            __m256i dots[Q4_MAX_ROWS][2];  /* q * xq, q * xr */
+            for (int64_t r = 0; r < rows; r++) dots[r][0] = dots[r][1] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(codes + g * 256 + 64 * c + 32 * half));
+                const __m256i lo = _mm256_and_si256(v, low_nibbles);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int k = 0; k < 2; k++) {
+                        int32_t x[2];  /* the 4 inputs of the low nibbles, then the high ones' */
+                        memcpy(x, (k ? qx->xr : qx->xq) + (r * groups + g) * Q4_GROUP + 8 * c, sizeof x);
+                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x[0])),
+                                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x[1])));
+                        dots[r][k] = _mm256_add_epi32(dots[r][k], _mm256_madd_epi16(pairs, ones));
                     }
-                const float total = (float)rest * (1.0f / 254.0f) + (float)dot;
-                out[r][i] += total * (half_to_float(step[g * Q4_BLOCK + i]) * xs);
-                out[r][i] += half_to_float(low[g * Q4_BLOCK + i]) * sum;
+            }
+            const __m256 steps = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(step + g * Q4_BLOCK + 8 * half)));
+            const __m256 lows = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(low + g * Q4_BLOCK + 8 * half)));
+            for (int64_t r = 0; r < rows; r++) {
+                const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][1]), _mm256_set1_ps(1.0f / 254.0f),
+                                                   _mm256_cvtepi32_ps(dots[r][0]));
+                const __m256 scale = _mm256_mul_ps(steps, _mm256_set1_ps(qx->scale[r * groups + g]));
+                acc[r][half] = _mm256_fmadd_ps(sum, scale, acc[r][half]);
+                acc[r][half] = _mm256_fmadd_ps(lows, _mm256_set1_ps(qx->sum[r * groups + g]), acc[r][half]);
             }
         }
+    for (int64_t r = 0; r < rows; r++) {
+        _mm256_storeu_ps(out[r], acc[r][0]);
+        _mm256_storeu_ps(out[r] + 8, acc[r][1]);
+    }
 #endif
     for (int64_t r = 0; r < rows; r++)
         for (int i = 0; i < Q4_BLOCK; i++) {
@@ -578,19 +618,6 @@ int niyama_q4_linear(const uint16_t *x, int64_t rows, const Q4Weight *w, uint16_
     return 0;
 }
 
-typedef struct {
-    const uint16_t *attn_norm, *mlp_norm;  /* bf16 [hidden] */
-    Q4Weight qkv, o, gate_up, down;  /* qkv: q, k, v heads' rows; gate_up: gate rows, then up rows */
-    uint16_t *k_cache, *v_cache;  /* bf16 [blocks][block_size][kv_heads][head_dim] */
-} Q4Layer;
-
-typedef struct {
-    const Q4Layer *layers;
-    int32_t num_layers, heads, kv_heads, head_dim, block_size;
-    int64_t hidden, intermediate;
-    float eps, scale;  /* RMSNorm's epsilon, attention's scale */
-    const uint16_t *cos, *sin;  /* bf16 [positions][head_dim] */
-} Q4Model;
 
 /* A decode step of `rows` sequences (one new token each) through every layer, in one parallel region: the
  * same arithmetic as the model's per-op path with these projections, without a call, a thread wake-up and a
@@ -662,4 +689,28 @@ int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *po
     free(x);
     free(scratch);
     return 0;
+}
+#else  /* no vector path: the engine keeps these weights in bf16 (niyama_q4_vectorized) */
+int niyama_q4_linear(const uint16_t *x, int64_t rows, const Q4Weight *w, uint16_t *y, int32_t threads) {
+    (void)x, (void)rows, (void)w, (void)y, (void)threads;
+    return -1;
+}
+
+int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *positions, const int64_t *slot_blocks,
+                     const int64_t *slot_offsets, const int32_t *tables, int32_t table_width, const int32_t *lens,
+                     int32_t threads) {
+    (void)m, (void)h, (void)rows, (void)positions, (void)slot_blocks, (void)slot_offsets, (void)tables,
+        (void)table_width, (void)lens, (void)threads;
+    return -1;
+}
+#endif
+
+/* Whether this build has a vector path for the 4-bit projections: a scalar loop would be slower than the
+ * bf16 weights, so without one the engine does not read the 4-bit codes. */
+int niyama_q4_vectorized(void) {
+#if defined(Q4_VNNI) || defined(Q4_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -230,8 +230,11 @@ class LlamaModel:
 
         def linear(names: list[str], bias_names: list[str], has_bias: bool) -> Linear:
             weight = torch.cat([tensor(n) for n in names])
+            codes = file_codes(weight) if quantized else None
+            if isinstance(codes, Int4Codes) and not self.kernels.q4_vectorized:
+                codes = None
             return Linear(weight.to(device=device, dtype=dtype).contiguous(), bias(bias_names, has_bias), layout,
-                          file_codes(weight) if quantized else None, self.kernels)
+                          codes, self.kernels)
 
         self.wide = layout == Linear.WIDE
 

@@ -92,6 +92,8 @@ class NativeKernels:
         self._q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
         self._q4_linear = lib.niyama_q4_linear
         self._q4_linear.argtypes = [ptr, i64, ctypes.POINTER(Q4Weight), ptr, i32]
+        # Without a vector path (AVX512-VNNI or AVX2) the 4-bit kernels refuse every weight.
+        self.q4_vectorized = bool(lib.niyama_q4_vectorized())
         self._q4_decode = lib.niyama_q4_decode
         self._q4_decode.argtypes = [ctypes.POINTER(Q4Model), ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, i32]
         for f in (self._q4_linear, self._q4_decode):
@@ -198,6 +200,12 @@ class NativeKernels:
         """A decode step of ``h``'s rows (float32 ``[B, hidden]``, contiguous: embeddings in, the last layer's
         residual stream out) through every layer of ``model``. positions, slot blocks and offsets ``[B]`` int64;
         tables and lens as ``decode_attention``'s."""
+        rows = h.shape[0]
+        if not (h.dtype == torch.float32 and h.is_contiguous() and positions.dtype == slot_blocks.dtype
+                == slot_offsets.dtype == torch.int64 and tables.dtype == lens.dtype == torch.int32
+                and tables.is_contiguous() and positions.shape == slot_blocks.shape == slot_offsets.shape
+                == lens.shape == (rows,) and tables.shape[0] == rows):
+            raise ValueError("q4_decode: unsupported tensor layout")
         if self._q4_decode(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
                            slot_blocks.data_ptr(), slot_offsets.data_ptr(), tables.data_ptr(), tables.shape[1],
                            lens.data_ptr(), torch.get_num_threads()):
