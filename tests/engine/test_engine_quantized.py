@@ -108,8 +108,7 @@ def test_the_default_model_reads_its_codes_in_small_batches_only_where_asked(wei
     on = make_runner(weights, torch.bfloat16, 16 << 20).model
     assert on.quantized and on.small_batch_rows == Linear.CODES_BATCH
     # The default GGUF: Q4_1 projections, a Q8_0 head (tied with the embeddings).
-    assert all(isinstance(x.codes, Int4Codes) for layer in on.layers for x in (layer.qkv, layer.o, layer.gate_up,
-                                                                                layer.down))
+    assert all(isinstance(x.codes, Int4Codes) for layer in on.layers for x in layer.projections)
     assert isinstance(on.head_codes, Int8Codes)
     off = make_runner(weights, torch.bfloat16, 16 << 20, quantized=False).model
     assert not off.quantized and off.head_codes is None and all(layer.qkv.codes is None for layer in off.layers)

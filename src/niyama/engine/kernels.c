@@ -6,6 +6,8 @@
  *   per-call overhead cost 2-4x what reading the blocks once does.
  * - A layer's element-wise steps, fused: add + RMSNorm, rotary embedding + KV-cache write, SiLU x up.
  * - Logits: the bf16 head's output widened with each row's top k recomputed in float32, and argmax.
+ * - Projections of a few rows read as the model file's codes: 8-bit (exact float32 products) and 4-bit
+ *   (integer products), and a whole decode step of a few sequences in one call on the 4-bit ones.
  *
  * Layouts are row-major; bf16 values travel as uint16_t. Arithmetic is float32, rounded to bf16 where the
  * torch path rounds.
@@ -618,7 +620,6 @@ int niyama_q4_linear(const uint16_t *x, int64_t rows, const Q4Weight *w, uint16_
     return 0;
 }
 
-
 /* A decode step of `rows` sequences (one new token each) through every layer, in one parallel region: the
  * same arithmetic as the model's per-op path with these projections, without a call, a thread wake-up and a
  * pause of the memory stream between each op. h: float32 [rows][hidden], the tokens' embeddings in, the last
@@ -631,7 +632,7 @@ int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *po
     const int32_t dim = m->head_dim, kv_heads = m->kv_heads, group = m->heads / m->kv_heads;
     const int64_t hidden = m->hidden, inter = m->intermediate, kv_width = (int64_t)kv_heads * dim;
     const int64_t q_width = (int64_t)m->heads * dim, qkv_width = q_width + 2 * kv_width;
-    if (rows > Q4_MAX_ROWS || dim > MAX_HEAD_DIM || m->heads % kv_heads) return -1;
+    if (rows > Q4_MAX_ROWS || dim > MAX_HEAD_DIM || m->heads > MAX_QUERY_ROWS || m->heads % kv_heads) return -1;
     for (int32_t l = 0; l < m->num_layers; l++) {
         const Q4Layer *layer = m->layers + l;
         if (!q4_supported(&layer->qkv) || !q4_supported(&layer->o) || !q4_supported(&layer->gate_up)

@@ -169,6 +169,11 @@ class Layer:
     # threads read it into the cache once done with their sequences, while the others still attend.
     ahead: MemoryList | None = None
 
+    @property
+    def projections(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """qkv, o, gate_up, down: the order ``niyama_q4_decode``'s layers take them in."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 class FusedDecode:
     """Decode steps of a few sequences through every layer in one native call (``niyama_q4_decode``), for a
@@ -181,7 +186,7 @@ class FusedDecode:
         layers = []
         for i, layer in enumerate(model.layers):
             k_cache, v_cache = kv_cache.layer(i)
-            weights = [x.codes.native(x.bias) for x in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            weights = [x.codes.native(x.bias) for x in layer.projections]
             layers.append(Q4Layer(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), *weights,
                                   k_cache.data_ptr(), v_cache.data_ptr()))
         self.layers = (Q4Layer * len(layers))(*layers)
@@ -274,11 +279,10 @@ class LlamaModel:
         head_codes = file_codes(head) if quantized else None
         self.head_codes = head_codes if isinstance(head_codes, Int8Codes) else None
         self.quantized = self.head_codes is not None or any(
-            x.codes is not None for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            x.codes is not None for layer in self.layers for x in layer.projections)
         # Decode steps of at most CODES_BATCH sequences run in one native call when every projection has
         # 4-bit codes (``FusedDecode``, built for the KV cache it is given).
-        self.fused_decode = all(isinstance(x.codes, Int4Codes) for layer in self.layers
-                                for x in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.fused_decode = all(isinstance(x.codes, Int4Codes) for layer in self.layers for x in layer.projections)
         self._fused: FusedDecode | None = None
         # Batches of at most this many rows run other kernels (bf16 or quantized weights) and cost much less.
         self.small_batch_rows = Linear.CODES_BATCH if self.quantized else Linear.SMALL_BATCH if self.wide else None

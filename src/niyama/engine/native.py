@@ -206,10 +206,10 @@ class NativeKernels:
                 and tables.is_contiguous() and positions.shape == slot_blocks.shape == slot_offsets.shape
                 == lens.shape == (rows,) and tables.shape[0] == rows):
             raise ValueError("q4_decode: unsupported tensor layout")
-        if self._q4_decode(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
+        if self._q4_decode(ctypes.byref(model), h.data_ptr(), rows, positions.data_ptr(),
                            slot_blocks.data_ptr(), slot_offsets.data_ptr(), tables.data_ptr(), tables.shape[1],
                            lens.data_ptr(), torch.get_num_threads()):
-            raise ValueError(f"q4_decode: unsupported shape ({h.shape[0]} rows)")
+            raise ValueError(f"q4_decode: unsupported shape ({rows} rows)")
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's first maximum of float32 ``x [N, V]`` (torch's ``max(dim).indices``)."""

@@ -28,7 +28,8 @@ BLOCK = 16  # outputs the 4-bit kernel computes together
 
 class Int4Codes:
     """A weight ``[out, in]`` as 4-bit codes and fp16 steps and offsets per group, read by the native kernel
-    (bf16 in and out, float32 sums of exact products: ``niyama_q4_linear``)."""
+    (bf16 in and out; integer products of the codes and the inputs' integer form, float32 sums:
+    ``niyama_q4_linear``)."""
 
     bits = 4
 
