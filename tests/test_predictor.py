@@ -16,16 +16,46 @@ def _random_shapes(rng, n, max_tokens):
     return shapes
 
 
+def _costs(coefs):
+    """Intercept and costs per prefill token, decode token, decode and prefill context token: ``tokens`` is
+    their sum, so its coefficient folds into the prefill and decode costs."""
+    return [coefs[0], coefs[1] + coefs[2], coefs[1] + coefs[3], coefs[4], coefs[5]]
+
+
 def test_fit_recovers_known_coefficients():
-    truth = BatchTimePredictor.load("a100-llama3-8b")
+    reference = BatchTimePredictor.load("a100-llama3-8b")
+    # The reference's large bin prices a decode token at -1.4e-5 s plus its context; a fit keeps costs >= 0,
+    # so the truth here has that cost at 0.
+    large = list(reference.bins[1])
+    large[3] = -large[1]
+    truth = BatchTimePredictor([reference.bins[0], large])
     rng = np.random.default_rng(0)
     shapes = _random_shapes(rng, 400, 512) + _random_shapes(rng, 400, 2552)
     times = [truth.predict_shape(s) for s in shapes]
     fitted = BatchTimePredictor.fit(shapes, times)
-    assert np.allclose(fitted.bins[0], truth.bins[0], rtol=1e-4, atol=1e-9)
-    # Features of the large bin are collinear only if decode counts never vary; they do here.
-    assert np.allclose(fitted.bins[1], truth.bins[1], rtol=1e-4, atol=1e-9)
+    for got, want in zip(fitted.bins, truth.bins, strict=True):
+        assert np.allclose(_costs(got), _costs(want), rtol=1e-4, atol=1e-9)
     assert fitted.mape(shapes, times) < 1e-6
+
+
+def test_fit_keeps_every_cost_non_negative():
+    """A start-up calibration: a dozen batches, some slowed by other work on the machine. Plain least
+    squares then trades correlated terms (a chunk's prefill tokens and its context) against each other and
+    can give a negative cost per token, pricing big chunks at nothing; the fit keeps every cost >= 0."""
+    truth = BatchTimePredictor([[0.02, 0.0, 2e-4, 1e-4, 1e-6, 1e-5]] * 2)
+    rng = np.random.default_rng(4)
+    plain_negative = 0
+    for _ in range(20):
+        shapes = _random_shapes(rng, 12, 512)
+        times = [truth.predict_shape(s) * (rng.uniform(1.0, 3.0) if rng.random() < 0.3 else 1.0) for s in shapes]
+        x = np.array([s.features() for s in shapes])
+        plain = _costs(np.linalg.lstsq(x, np.array(times), rcond=None)[0])
+        plain_negative += min(plain) < 0
+        fitted = BatchTimePredictor.fit(shapes, times, splits=())
+        assert min(_costs(fitted.bins[0])) >= 0
+        chunks = [fitted.predict(n, 0, 0, n) for n in (64, 128, 256, 512)]
+        assert chunks == sorted(chunks) and chunks[0] > 0
+    assert plain_negative >= 10  # the hazard is common, not contrived
 
 
 def test_fit_with_noise_reports_its_error():

@@ -4,9 +4,9 @@ Linear models stratified by the batch's total tokens (bins split at ``splits``; 
 at 512), over five features: total tokens, prefill tokens, decode tokens, sum of decode context lengths,
 sum of prefill context lengths (one context length per request: the tokens it attends to at the end of
 its chunk). An engine whose kernels change at some other batch size (the CPU engine's smallest batches
-read bf16 weights, larger ones float32 copies) gets a bin boundary there too. Fitted by weighted least
-squares on relative error from profiling rows; saved as JSON. The simulator uses a predictor as its
-latency model.
+read bf16 weights, larger ones float32 copies) gets a bin boundary there too. Fitted by weighted
+non-negative least squares on relative error from profiling rows; saved as JSON. The simulator uses a
+predictor as its latency model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 FEATURES = ("intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx")
 MIN_PROFILE_ROWS = len(FEATURES)  # a fit needs at least one timed batch per coefficient
 DEFAULT_SPLIT = 512  # the reference's boundary between small and large batches (total tokens)
+FIT_VERSION = 2  # raised when fitting changes, so that profiles calibrated and cached by an older fit are redone
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,7 @@ class BatchTimePredictor:
     @classmethod
     def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], splits: Sequence[int] = (DEFAULT_SPLIT,),
             meta: dict[str, Any] | None = None) -> BatchTimePredictor:
-        """Fit of each bin (``_relative_lstsq``); a bin with no more rows than the coefficients its rows can
+        """Fit of each bin (``_relative_nnls``); a bin with no more rows than the coefficients its rows can
         determine (their features' rank: decode steps alone leave the prefill terms at 0) borrows the fit of
         the nearest bin that has enough (the next larger one first)."""
         x = np.array([s.features() for s in shapes], dtype=float)
@@ -94,10 +95,10 @@ class BatchTimePredictor:
         if len(y) != len(x) or len(y) < MIN_PROFILE_ROWS:
             raise ValueError(f"need at least {MIN_PROFILE_ROWS} profile rows with one time each")
         which = np.searchsorted(np.asarray(splits), x[:, 1], side="left")  # bin index of each row
-        fitted = {i: _relative_lstsq(x[which == i], y[which == i])
+        fitted = {i: _relative_nnls(x[which == i], y[which == i])
                   for i in range(len(splits) + 1) if (which == i).sum() > np.linalg.matrix_rank(x[which == i])}
         if not fitted:
-            return cls([_relative_lstsq(x, y)] * (len(splits) + 1), splits, meta)
+            return cls([_relative_nnls(x, y)] * (len(splits) + 1), splits, meta)
         nearest = [min(fitted, key=lambda j, i=i: (abs(j - i), j < i)) for i in range(len(splits) + 1)]
         return cls([fitted[j] for j in nearest], splits, meta)
 
@@ -142,16 +143,39 @@ class BatchTimePredictor:
             raise ValueError(f"{name_or_path} is not a batch-time profile ({type(e).__name__}: {e})") from None
 
 
-def _relative_lstsq(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:
-    """Least squares on relative error: each row weighted by 1 / its predicted time, refitted a few times
-    (weights from the measured times instead would bias the fit low). A plain fit lets the slowest batches
-    dominate: the model is only approximately linear, and a 0.1 s decode step then comes out tens of
-    percent off to fit a 1 s prefill a little better."""
+_PER_KIND = [FEATURES.index(f) for f in ("intercept", "prefill", "decode", "decode_ctx", "prefill_ctx")]
+_PER_TOKEN = [FEATURES.index(f) for f in ("intercept", "tokens", "decode_ctx", "prefill_ctx")]
+
+
+def _relative_nnls(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:
+    """Least squares on relative error, every cost non-negative: each row weighted by 1 / its predicted
+    time, refitted a few times (weights from the measured times instead would bias the fit low). A plain
+    fit lets the slowest batches dominate: the model is only approximately linear, and a 0.1 s decode step
+    then comes out tens of percent off to fit a 1 s prefill a little better.
+
+    Without the bounds, a small or noisy profile (a few dozen batches on a busy machine, as at a server's
+    start-up) can trade correlated terms against each other: a negative cost per prefill token paid back
+    by the context term priced every prefill chunk at nothing. An iteration never gets faster by holding
+    more tokens, so no cost may be negative.
+
+    ``tokens`` is the sum of the prefill and decode tokens, so a cost per token of each kind makes it
+    redundant and the fit leaves it 0; but where the rows hold only one kind (a bin of decode steps), a
+    token of the other kind is priced like it, through ``tokens``."""
+    from scipy.optimize import nnls  # here: only fitting needs scipy, which takes 0.3 s to import
+
+    both_kinds = x[:, FEATURES.index("prefill")].any() and x[:, FEATURES.index("decode")].any()
+    fitted = _PER_KIND if both_kinds else _PER_TOKEN
+    z = x[:, fitted]
+    scale = np.abs(z).max(axis=0)
+    scale[scale == 0] = 1.0
+    z = z / scale  # columns of one magnitude: the intercept is 1, context sums run to 10^5
     weights = np.ones_like(y)
     floor = max(float(y.min()), 1e-6)
     for _ in range(rounds):
-        coefs = np.linalg.lstsq(x * weights[:, None], y * weights, rcond=None)[0]
-        weights = 1.0 / np.maximum(x @ coefs, floor)
+        solved = nnls(z * weights[:, None], y * weights)[0]
+        weights = 1.0 / np.maximum(z @ solved, floor)
+    coefs = np.zeros(x.shape[1])
+    coefs[fitted] = solved / scale
     return coefs
 
 
