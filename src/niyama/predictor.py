@@ -88,8 +88,8 @@ class BatchTimePredictor:
     def fit(cls, shapes: Sequence[BatchShape], times: Sequence[float], splits: Sequence[int] = (DEFAULT_SPLIT,),
             meta: dict[str, Any] | None = None) -> BatchTimePredictor:
         """Fit of each bin (``_relative_nnls``); a bin with no more rows than the coefficients its rows can
-        determine (their features' rank: decode steps alone leave the prefill terms at 0) borrows the fit of
-        the nearest bin that has enough (the next larger one first)."""
+        determine (their features' rank: decode steps alone determine three, the costs per batch, per token
+        and per context token) borrows the fit of the nearest bin that has enough (the next larger one first)."""
         x = np.array([s.features() for s in shapes], dtype=float)
         y = np.asarray(times, dtype=float)
         if len(y) != len(x) or len(y) < MIN_PROFILE_ROWS:
