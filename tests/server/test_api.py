@@ -113,6 +113,7 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"seed": 1 << 64}, "seed"),
     ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
     ({"max_tokens": "5"}, "max_tokens"),  # integers are JSON integers
+    ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),  # and booleans JSON booleans
     ({"logprobs": True}, "logprobs"),  # not implemented: refused rather than silently ignored
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),

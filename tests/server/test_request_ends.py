@@ -13,8 +13,11 @@ import httpx2 as httpx
 import pytest
 
 from niyama.engine import EngineConfig, LLMEngine, SamplingParams
+from niyama.engine.core import EngineCore
+from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoS
 from niyama.request import FinishReason, Request
+from niyama.scheduler import SchedulerConfig
 from niyama.server.app import _stream
 from niyama.server.async_engine import AsyncEngine, QueueFull, Unavailable
 from niyama.server.metrics import Metrics
@@ -82,6 +85,38 @@ def test_a_burst_fills_the_free_running_slots_and_then_the_queue():
         return accepted
 
     assert asyncio.run(main()) == [True, True, True, False, False]
+
+
+def test_relegated_requests_leave_the_queue_to_requests_that_can_still_be_served():
+    """A queue of two, one running slot, and requests that are already late: Niyama relegates them, and they
+    no longer fill the queue (new requests that can be served in time would get 429 behind them); waiting
+    and relegated requests together stay within ``RELEGATED_ROOM`` times the queue."""
+    offline = LLMEngine(EngineConfig(kv_cache_memory=16 << 20, max_num_seqs=1))
+    config = SchedulerConfig(max_num_seqs=1, relegation_period=0.0)
+    core = EngineCore(offline.runner, offline.tokenizer, "niyama", config, BatchTimePredictor.load("a100-llama3-8b"))
+    late = QoS("late", ttft=0.001, tbt=0.001)  # arrived at 0.0 on the monotonic clock: long past due
+
+    async def main() -> list[bool]:
+        engine = AsyncEngine(core, Metrics("test"), max_queued_requests=2)
+        engine.start()
+        accepted = []
+        for i in range(1 + engine.RELEGATED_ROOM * 2 + 1):
+            try:
+                engine.submit(Request(f"r{i}", 0.0, late, 3, 500, [1, 2, 3]),
+                              SamplingParams(max_tokens=500, ignore_eos=True))
+                accepted.append(True)
+            except QueueFull:
+                accepted.append(False)
+            for _ in range(200):  # until the loop has taken it in (and relegated it, unless it runs)
+                if engine._num_queued == 0 and not engine._new:
+                    break
+                await asyncio.sleep(0.01)
+        relegated = core.scheduler.num_relegated
+        engine.stop()
+        assert relegated == engine.RELEGATED_ROOM * 2
+        return accepted
+
+    assert asyncio.run(main()) == [True] * (1 + AsyncEngine.RELEGATED_ROOM * 2) + [False]
 
 
 def test_a_stream_left_before_its_outputs_are_read_aborts_its_request():

@@ -37,7 +37,8 @@ def engine_thread() -> ThreadPoolExecutor:
 
 
 class QueueFull(Exception):
-    """The waiting queue is at ``max_queued_requests``."""
+    """The waiting queue is at ``max_queued_requests``, or waiting and relegated requests together at
+    ``RELEGATED_ROOM`` times that."""
 
 
 class Unavailable(RuntimeError):
@@ -45,6 +46,11 @@ class Unavailable(RuntimeError):
 
 
 class AsyncEngine:
+    # Relegated requests (they have missed, or cannot meet, their SLO; they complete when capacity is left)
+    # do not take the queue's places: a queue full of them would refuse new requests that can still be
+    # served in time. Waiting and relegated requests together stay within this many times the queue's size.
+    RELEGATED_ROOM = 4
+
     def __init__(self, core: EngineCore, metrics: Metrics, max_queued_requests: int,
                  thread: ThreadPoolExecutor | None = None):
         """``thread``: the one-worker executor to run the loop on (default: a new one)."""
@@ -56,7 +62,8 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._last_token_time: dict[str, float] = {}
-        self._num_queued = 0  # waiting + relegated (+ taken from _new since the last recount)
+        self._num_queued = 0  # waiting (+ taken from _new since the last recount)
+        self._num_relegated = 0
         self._free_slots = core.scheduler.config.max_num_seqs  # running slots free at the last recount
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,7 +95,9 @@ class AsyncEngine:
             raise Unavailable("the engine is not running")
         with self._cond:
             # Requests that will take a free running slot do not wait; a burst used to count them as queued.
-            if self._num_queued + len(self._new) - self._free_slots >= self.max_queued_requests:
+            queued = self._num_queued + len(self._new) - self._free_slots
+            if queued >= self.max_queued_requests or \
+                    queued + self._num_relegated >= self.RELEGATED_ROOM * self.max_queued_requests:
                 raise QueueFull
             self._streams[request.request_id] = queue
             self._new.append((request, params))
@@ -184,7 +193,8 @@ class AsyncEngine:
     def _observe_state(self) -> None:
         s = self.core.scheduler
         with self._cond:  # submit reads both together
-            self._num_queued = s.num_waiting + s.num_relegated
+            self._num_queued = s.num_waiting
+            self._num_relegated = s.num_relegated
             self._free_slots = max(s.config.max_num_seqs - s.num_running, 0)
         self.metrics.observe_state(s.num_running, s.num_waiting, s.num_relegated, self.core.kv.usage,
                                    s.num_preemptions)

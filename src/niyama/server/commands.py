@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS,
                    help="most requests running at once")
     p.add_argument("--max-queued-requests", type=positive_int, default=1024,
-                   help="waiting requests beyond which new ones get 429")
+                   help="waiting requests beyond which new ones get 429 (relegated ones do not count, up to "
+                        "4x this number with them)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                    help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")

@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do; OpenAI fields this server does not implement
 are refused when set to anything but their neutral value (``unsupported``), rather than silently ignored.
-Integer fields take JSON integers only (not ``"5"`` or ``true``). An explicit ``null`` means the field's
+Integer and boolean fields take JSON integers and booleans only (not ``"5"``, ``true`` for a number, or
+``"yes"`` or ``1`` for a boolean), as OpenAI's API does. An explicit ``null`` means the field's
 default, as in OpenAI's API. Field ranges are checked in ``app.py`` so that errors name the field in
 OpenAI's error shape.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(BaseModel):
@@ -31,9 +32,9 @@ class SamplingRequest(BaseModel):
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     n: StrictInt = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(default=False, description="vLLM extension: always generate max_tokens")
+    ignore_eos: StrictBool = Field(default=False, description="vLLM extension: always generate max_tokens")
     service_tier: str | None = Field(default=None, description="auto | default | flex | priority, mapped to "
                                      "QoS classes by the server's configuration")
     priority: StrictInt = Field(default=0,
@@ -87,7 +88,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -112,7 +113,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16  # OpenAI's (and vLLM's) default for legacy completions
     logprobs: StrictInt | None = None
-    echo: bool | None = None
+    echo: StrictBool | None = None
     suffix: str | None = None
     best_of: StrictInt | None = None
 
