@@ -16,7 +16,7 @@ from niyama.engine import EngineConfig, LLMEngine, SamplingParams
 from niyama.engine.core import EngineCore
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoS
-from niyama.request import FinishReason, Request
+from niyama.request import FinishReason, Request, RequestStatus
 from niyama.scheduler import SchedulerConfig
 from niyama.server.app import _stream
 from niyama.server.async_engine import AsyncEngine, QueueFull, Unavailable
@@ -101,14 +101,15 @@ def test_relegated_requests_leave_the_queue_to_requests_that_can_still_be_served
         engine.start()
         accepted = []
         for i in range(1 + engine.RELEGATED_ROOM * 2 + 1):
+            request = Request(f"r{i}", 0.0, late, 3, 500, [1, 2, 3])
             try:
-                engine.submit(Request(f"r{i}", 0.0, late, 3, 500, [1, 2, 3]),
-                              SamplingParams(max_tokens=500, ignore_eos=True))
+                engine.submit(request, SamplingParams(max_tokens=500, ignore_eos=True))
                 accepted.append(True)
             except QueueFull:
                 accepted.append(False)
-            for _ in range(200):  # until the loop has taken it in (and relegated it, unless it runs)
-                if engine._num_queued == 0 and not engine._new:
+                continue
+            for _ in range(500):  # until the loop has taken it in: running, or relegated behind the first
+                if request.status in (RequestStatus.RUNNING, RequestStatus.RELEGATED):
                     break
                 await asyncio.sleep(0.01)
         relegated = core.scheduler.num_relegated
