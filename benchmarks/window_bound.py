@@ -1,0 +1,91 @@
+"""A lower bound on how many requests of the live evaluation's workload any schedule must miss.
+
+Relaxation: one machine that runs each token at the profile's cheapest price (a prefill token, or a decode
+token plus its context term, with the iteration's fixed cost spread over a full iteration), preemptible
+between tokens, with no cap on running requests and no batching effects. A kept request must have its work
+due by ``d`` (all of it for batch work; the prompt and the tokens due by then for interactive work, whose
+n-th token is due at arrival + TTFT + (n - 1) × TBT) done by ``d``, and not before it arrives. So for every
+window [a, d], the work due by d of requests arriving at or after a must fit in d - a; dropping the largest
+first is the fewest drops that make one window fit, and the most over all windows bounds any schedule.
+
+    .venv/bin/python benchmarks/window_bound.py --rate 44.77 --profile results/live/profile-calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from eval_live import LENGTH_SCALE, MAX_BATCHED_TOKENS, QOS_CONFIG, SEED, TRACE
+
+from niyama.bench.commands import requests_in
+from niyama.predictor import BatchTimePredictor
+from niyama.qos import QoSClasses
+from niyama.sim.workload import WorkloadSpec, build_workload
+
+
+def token_prices(profile: BatchTimePredictor, scale: float) -> tuple[float, float, float]:
+    """Seconds per prefill token, per decode token, and per decode token per token of its context: the
+    cheapest over the predictor's bins that serve iterations of at most ``MAX_BATCHED_TOKENS``, each bin's
+    fixed cost spread over the most tokens it serves (coefficients: intercept, tokens, prefill, decode,
+    decode_ctx, prefill_ctx; the context terms of prefill are left out, which only lowers the bound)."""
+    prices = []
+    for lower, upper, c in zip((0, *profile.splits), (*profile.splits, MAX_BATCHED_TOKENS), profile.bins,
+                               strict=False):
+        if lower < MAX_BATCHED_TOKENS:
+            fixed = c[0] / min(upper, MAX_BATCHED_TOKENS)
+            prices.append((c[1] + c[2] + fixed, c[1] + c[3] + fixed, c[4]))
+    return tuple(scale * min(p[i] for p in prices) for i in range(3))  # type: ignore[return-value]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, required=True, help="req/s of arrivals")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
+    p.add_argument("--profile", required=True, help="batch-time profile (JSON) giving the token prices")
+    p.add_argument("--price-factor", type=float, default=1.0, help="multiply every price (>1: no longer a bound)")
+    p.add_argument("--step", type=float, default=1.0, help="grid of window ends and starts, in seconds")
+    args = p.parse_args()
+
+    classes = QoSClasses.load(QOS_CONFIG)
+    count = requests_in(TRACE, args.duration, args.rate)
+    specs = build_workload(WorkloadSpec(trace=TRACE, rate=args.rate, num_requests=count,
+                                        class_mix={c: 1.0 for c in classes}, length_scale=LENGTH_SCALE, seed=SEED))
+    prefill_price, decode_price, context_price = token_prices(BatchTimePredictor.load(args.profile), args.price_factor)
+    n = len(specs)
+    arrival = np.array([s.arrival for s in specs])
+    qos = [classes[s.qos_class] for s in specs]
+    interactive = np.array([q.interactive for q in qos])
+    due = arrival + np.array([q.ttft if q.interactive else q.ttlt for q in qos])  # first token, or the last
+    pace = np.array([q.tbt if q.interactive else 1.0 for q in qos])
+    prompt = np.array([s.prompt_tokens for s in specs])
+    steps = np.array([max(s.decode_tokens - 1, 0) for s in specs])  # the first token comes with the prefill
+    # done[j, k]: request j's work once its prompt and the k decode steps after its first token are done
+    done = np.zeros((n, steps.max() + 1))
+    for j in range(n):
+        step_work = decode_price + context_price * (prompt[j] + np.arange(1, steps[j] + 1))
+        done[j, 1:steps[j] + 1] = np.cumsum(step_work)
+        done[j, steps[j] + 1:] = done[j, steps[j]]
+    done += (prompt * prefill_price)[:, None]
+    rows = np.arange(n)
+
+    best, where = 0, None
+    for d in np.arange(args.step, arrival.max() + max(due - arrival) + 2 * args.step, args.step):
+        owed = due <= d
+        k = np.where(interactive, np.floor((d - due) / pace), steps).clip(0, steps).astype(int)
+        demand = np.where(owed, done[rows, k], 0.0)
+        for a in np.arange(0.0, min(d, arrival.max() + args.step), args.step):
+            work = np.sort(demand[(arrival >= a) & owed])[::-1]
+            excess = work.sum() - (d - a)
+            if excess > 0:
+                drops = int(np.searchsorted(np.cumsum(work), excess, side="right")) + 1
+                if drops > best:
+                    best, where = drops, (a, d)
+    print(f"{n} requests at {args.rate} req/s; prices: prefill {prefill_price * 1e3:.3f} ms/token, decode "
+          f"{decode_price * 1e3:.3f} ms + {context_price * 1e6:.2f} µs per context token")
+    window = f" (window {where[0]:.0f}–{where[1]:.0f} s)" if where else ""
+    print(f"at least {best} requests ({best / n:.1%}) must miss{window}")
+
+
+if __name__ == "__main__":
+    main()
