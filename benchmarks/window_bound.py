@@ -7,6 +7,8 @@ due by ``d`` (all of it for batch work; the prompt and the tokens due by then fo
 n-th token is due at arrival + TTFT + (n - 1) × TBT) done by ``d``, and not before it arrives. So for every
 window [a, d], the work due by d of requests arriving at or after a must fit in d - a; dropping the largest
 first is the fewest drops that make one window fit, and the most over all windows bounds any schedule.
+With ``--run``, a bench run's per-request JSONL: the share of the work its missed requests held, priced the
+same way, and how many requests the same work costs when the largest go first.
 
     .venv/bin/python benchmarks/window_bound.py --rate 44.77 --profile results/live/profile-calibration.json
 """
@@ -14,6 +16,8 @@ first is the fewest drops that make one window fit, and the most over all window
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 from eval_live import LENGTH_SCALE, MAX_BATCHED_TOKENS, QOS_CONFIG, SEED, TRACE
@@ -45,6 +49,7 @@ def main() -> None:
     p.add_argument("--profile", required=True, help="batch-time profile (JSON) giving the token prices")
     p.add_argument("--price-factor", type=float, default=1.0, help="multiply every price (>1: no longer a bound)")
     p.add_argument("--step", type=float, default=1.0, help="grid of window ends and starts, in seconds")
+    p.add_argument("--run", default=None, help="a bench run's per-request JSONL to compare (see above)")
     args = p.parse_args()
 
     classes = QoSClasses.load(QOS_CONFIG)
@@ -85,6 +90,16 @@ def main() -> None:
           f"{decode_price * 1e3:.3f} ms + {context_price * 1e6:.2f} µs per context token")
     window = f" (window {where[0]:.0f}–{where[1]:.0f} s)" if where else ""
     print(f"at least {best} requests ({best / n:.1%}) must miss{window}")
+    if args.run:
+        rows = [json.loads(line) for line in Path(args.run).read_text().splitlines()]
+        prompt = np.array([r["prompt_tokens"] for r in rows])
+        steps = np.array([max(r["output_tokens"] - 1, 0) for r in rows])
+        work = prompt * prefill_price + steps * (decode_price + context_price * (prompt + (steps + 1) / 2))
+        missed = np.array([r["slo_met"] is not True for r in rows])
+        shed = work[missed].sum()
+        largest_first = int(np.searchsorted(np.cumsum(np.sort(work)[::-1]), shed)) + 1
+        print(f"{args.run}: missed {missed.mean():.1%} of requests, holding {shed / work.sum():.1%} of the work; "
+              f"the largest requests first, that work is {largest_first / len(rows):.1%} of requests")
 
 
 if __name__ == "__main__":
