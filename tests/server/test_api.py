@@ -114,7 +114,16 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"extra_body": {"qos": {"class": [1]}}}, "qos.class"),
     ({"max_tokens": "5"}, "max_tokens"),  # integers are JSON integers
     ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),  # and booleans JSON booleans
+    ({"temperature": "0"}, "temperature"),  # and numbers JSON numbers
+    ({"extra_body": {"top_p": True}}, "top_p"),
     ({"logprobs": True}, "logprobs"),  # not implemented: refused rather than silently ignored
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"extra_body": {"functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"}}},
+     "functions"),
+    ({"extra_body": {"modalities": ["text", "audio"]}}, "modalities"),
+    ({"extra_body": {"response_format": {"json_schema": {}}}}, "response_format.type"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),  # only an assistant turn may lack content
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"extra_body": {"top_k": -2}}, "top_k"),
@@ -192,6 +201,9 @@ def test_null_means_the_default(server):
             "n": None, "stream": None, "presence_penalty": None, "logprobs": None, "qos": None}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+    stream = httpx.post(f"{server.url}/v1/chat/completions",
+                        json=body | {"stream": True, "stream_options": {"include_usage": None}})
+    assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
 
 
 def test_malformed_bodies_and_routes_get_openai_errors(server):
@@ -202,6 +214,9 @@ def test_malformed_bodies_and_routes_get_openai_errors(server):
     not_json = httpx.post(chat, content=b'{"model": ', headers={"Content-Type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["param"] is None
     assert "not valid JSON" in not_json.json()["error"]["message"]
+    for body in ({"data": {"model": server.model}}, {}):  # a form (curl -d without a JSON type), nothing
+        not_an_object = httpx.post(chat, **body)
+        assert not_an_object.status_code == 400 and "JSON object" in not_an_object.json()["error"]["message"]
     # Valid JSON whose number overflows to infinity: a deadline that never comes is refused.
     body = json.dumps({"model": server.model, "messages": HI, "max_tokens": 2, "qos": {"ttlt": 1.0}})
     endless = httpx.post(chat, content=body.replace('"ttlt": 1.0', '"ttlt": 1e309'),

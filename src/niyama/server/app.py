@@ -81,6 +81,9 @@ def create_app(state: ServerState) -> FastAPI:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {err['ctx']['error']}").response()
+        if tuple(err["loc"]) == ("body",):  # empty, or not sent as JSON (curl -d without a JSON content type)
+            return APIError(400, "the request body must be a JSON object, sent with Content-Type: "
+                            "application/json").response()
         param = _param(err["loc"][1:])
         return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param).response()
 

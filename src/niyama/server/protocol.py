@@ -2,21 +2,35 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do; OpenAI fields this server does not implement
 are refused when set to anything but their neutral value (``unsupported``), rather than silently ignored.
-Integer and boolean fields take JSON integers and booleans only (not ``"5"``, ``true`` for a number, or
-``"yes"`` or ``1`` for a boolean), as OpenAI's API does. An explicit ``null`` means the field's
-default, as in OpenAI's API. Field ranges are checked in ``app.py`` so that errors name the field in
-OpenAI's error shape.
+Number, integer and boolean fields take JSON numbers, integers and booleans only (not ``"0.5"``, ``"5"``,
+``true`` for a number, or ``"yes"`` or ``1`` for a boolean), as OpenAI's API does. An explicit ``null``
+means the field's default, as in OpenAI's API. Field ranges are checked in ``app.py`` so that errors name
+the field in OpenAI's error shape.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return False if value is None else value
 
 
 class SamplingRequest(BaseModel):
@@ -26,8 +40,8 @@ class SamplingRequest(BaseModel):
 
     model: str
     max_tokens: StrictInt | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: StrictFloat = 1.0
+    top_p: StrictFloat = 1.0
     top_k: StrictInt = Field(default=0, description="vLLM extension; 0 (or -1) = no limit")
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
@@ -44,9 +58,9 @@ class SamplingRequest(BaseModel):
         "importance: critical | standard | sheddable) overriding the class's fields")
     user: str | None = None
     # OpenAI fields without an implementation here, each with its neutral value.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
 
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "priority",
                      mode="before")
@@ -76,7 +90,19 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_there(cls, value: Any, info: ValidationInfo) -> Any:
+        """Only an assistant turn (one that called tools) may come without content, as in OpenAI's API; a
+        text or refusal part needs its text."""
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("content is required")
+        for j, part in enumerate(value if isinstance(value, list) else ()):
+            if part.type in ("text", "refusal") and getattr(part, part.type) is None:
+                raise ValueError(f"part {j} is of type {part.type!r} but has no {part.type!r} field")
+        return value
 
     def text(self) -> str:
         """The message text (text parts of a multi-part content joined)."""
@@ -85,13 +111,24 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's older form of tools
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
     def unsupported_part(self) -> tuple[str, str] | None:
         """The path and type of the first content part that is neither text nor an assistant's refusal."""
@@ -104,9 +141,17 @@ class ChatCompletionRequest(SamplingRequest):
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs" if self.logprobs else "top_logprobs"
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        if self.response_format and self.response_format.type != "text":
             return "response_format"
-        return "tools" if self.tools else super().unsupported()
+        for name in ("tools", "functions", "audio"):
+            if getattr(self, name):
+                return name
+        for name in ("tool_choice", "function_call"):  # "none" is the neutral choice, without tools too
+            if getattr(self, name) not in (None, "none"):
+                return name
+        if self.modalities and self.modalities != ["text"]:
+            return "modalities"
+        return super().unsupported()
 
 
 class CompletionRequest(SamplingRequest):
