@@ -53,6 +53,8 @@ def test_argument_errors_are_one_line(tmp_path):
     for args, message in [(["simulate", "--rate", "-3"], "niyama simulate: error: argument --rate: must be positive"),
                           (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s): lifo"),
                           (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
+                          (["bench", "--label", "../x"], "must be a file name without folders"),
+                          (["generate", "--top-p", "2", "hi"], "top_p must be in (0, 1]"),  # before the load
                           ([], "niyama: error: the following arguments are required: command")]:
         p = niyama(*args)
         lines = p.stderr.strip().splitlines()
@@ -169,12 +171,12 @@ def test_bench_capacity_refuses_a_rate(tmp_path):
 
 def test_iteration_log_from_a_bad_file_is_one_line(tmp_path):
     rows = {"num_prefill_tokens": 10, "num_decode_tokens": 2, "decode_ctx": 40, "prefill_ctx": 10, "seconds": 0.01}
-    for line, message in [("[1, 2]", "line 3: not an iteration"),
-                          (json.dumps({**rows, "num_prefill_tokens": "a"}), "line 3: batch sizes must be numbers"),
-                          (json.dumps({**rows, "seconds": -1}), "line 3: batch sizes must be numbers"),
-                          (json.dumps({**rows, "seconds": None}), "line 3: batch sizes must be numbers")]:
+    for line, message in [("[1, 2]", "line 4: not an iteration"),
+                          (json.dumps({**rows, "num_prefill_tokens": "a"}), "line 4: batch sizes must be numbers"),
+                          (json.dumps({**rows, "seconds": -1}), "line 4: batch sizes must be numbers"),
+                          (json.dumps({**rows, "seconds": None}), "line 4: batch sizes must be numbers")]:
         log = tmp_path / "log.jsonl"
-        log.write_text(f"{json.dumps(rows)}\n{json.dumps(rows)}\n{line}\n")
+        log.write_text(f"{json.dumps(rows)}\n\n{json.dumps(rows)}\n{line}\n\n")  # blank lines are skipped
         p = niyama("profile", "--from-log", str(log), "-o", str(tmp_path / "p.json"))
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr

@@ -40,6 +40,23 @@ def test_trace_replay_and_errors():
         build_workload(WorkloadSpec(trace="nope"))
 
 
+def test_trace_files_from_a_spreadsheet_and_corrupt_rows(tmp_path):
+    bom = tmp_path / "bom.csv"  # a spreadsheet's UTF-8 export starts with a byte-order mark
+    bom.write_text("\ufeffarrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1.5,20,3\n", encoding="utf-8")
+    trace = load_trace(str(bom))
+    assert list(trace.arrivals) == [0, 1.5] and list(trace.prompt_tokens) == [10, 20]
+    huge = tmp_path / "huge.csv"
+    huge.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1,1e30,5\n")
+    with pytest.raises(ValueError, match="row 2 holds a token count above"):
+        load_trace(str(huge))
+
+
+def test_a_prompt_larger_than_the_kv_cache_is_refused_by_name():
+    specs = build_workload(WorkloadSpec(trace="azure_code", rate=1.0, num_requests=5, length_scale=100))
+    with pytest.raises(ValueError, match="does not fit the simulated KV cache"):
+        simulate(specs, CLASSES, SimConfig("fcfs"))
+
+
 def test_piecewise_arrivals_follow_each_phase_rate():
     t = piecewise_arrivals([(1000, 2.0), (1000, 5.0)], np.random.default_rng(0))
     assert (t < 1000).sum() == pytest.approx(2000, rel=0.1)

@@ -98,6 +98,13 @@ def output_file(text: str) -> Path:
     return path
 
 
+def file_stem(text: str) -> str:
+    """A name for files in the output folder: no folder parts."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"must be a file name without folders, got {text!r}")
+    return text
+
+
 def mix(text: str) -> dict[str, float]:
     """``name=weight,name=weight`` → dict (a bare ``name`` means weight 1)."""
     out = {}

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capacity)
 
     p = sub.add_parser("experiment", help="the paper's experiments: capacity, overload, transient, "
-                                          "ablation, silos, or all")
+                                          "ablation, silos, or all",
+                       description="Run one of the paper's experiments, or all. --duration sets each run's "
+                       "arrivals, except for transient, which always runs its 4 hours of 15-minute phases.")
     p.add_argument("name", choices=["capacity", "overload", "transient", "ablation", "silos", "all"])
     _add_workload_args(p)
     p.add_argument("--report", type=output_file, default=None, help="also write a Markdown report here")

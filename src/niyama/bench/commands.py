@@ -11,6 +11,7 @@ from typing import Any
 from niyama.argtypes import (
     at_least,
     ensure_writable_dir,
+    file_stem,
     int_mapping,
     mapping,
     mix,
@@ -69,7 +70,7 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(w, "--seed", type=non_negative_int, default=0)
     o = p.add_argument_group("output")
     add(o, "--output-dir", type=Path, default=Path("results/bench"))
-    add(o, "--label", default=None, help="file name stem (default: from the QoS mode and rate)")
+    add(o, "--label", type=file_stem, default=None, help="file name stem (default: from the QoS mode and rate)")
     add(o, "--drain-timeout", type=positive, default=None,
            help="after the last arrival, cancel what still runs after this many seconds "
            "(cancelled requests count as violations)")

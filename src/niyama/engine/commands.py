@@ -131,10 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from niyama.engine.sampler import SamplingParams
     from niyama.engine.tuning import tune_process
 
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))  # checked before the load
     tune_process()
     engine = LLMEngine(_engine_config(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     if args.chat:
         out = engine.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:

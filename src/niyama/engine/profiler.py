@@ -144,6 +144,8 @@ def read_iteration_log(path: str | Path) -> ProfileResult:
     shapes, times = [], []
     with Path(path).open() as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
                 values = [row[k] for k in (*LOG_FIELDS, "seconds")]

@@ -75,6 +75,9 @@ def simulate(specs: Sequence[RequestSpec], classes: QoSClasses, config: SimConfi
         qos = classes[s.qos_class]
         if qos.importance is not s.importance:
             qos = qos.with_overrides({"importance": s.importance})
+        if s.prompt_tokens >= kv.capacity_tokens:
+            raise ValueError(f"a prompt of {s.prompt_tokens:,} tokens does not fit the simulated KV cache "
+                             f"({kv.capacity_tokens:,} tokens)")
         max_tokens = min(MAX_TOKENS, kv.capacity_tokens - s.prompt_tokens)
         r = Request(str(i), s.arrival, qos, s.prompt_tokens, max_tokens, stop_token_ids=STOP)
         requests.append(r)

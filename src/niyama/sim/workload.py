@@ -17,6 +17,7 @@ TRACE_FILES = {
     "azure_conv": "azure_conv_2023.csv",
     "sharegpt": "sharegpt_lengths.csv",
 }
+MAX_TRACE_TOKENS = 10_000_000  # a token count beyond any context: a corrupt row, not a request
 DEFAULT_CLASS_MIX = {"interactive": 1 / 3, "batch-10m": 1 / 3, "batch-30m": 1 / 3}
 
 
@@ -59,7 +60,7 @@ def load_trace(name_or_path: str) -> Trace:
     if not path.is_file():
         raise FileNotFoundError(f"no trace {name_or_path!r} (known: {', '.join(TRACE_FILES)}, or a CSV path)")
     try:
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a column name
             header = f.readline().strip().split(",")
     except UnicodeDecodeError as e:
         raise ValueError(f"trace {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -78,7 +79,9 @@ def load_trace(name_or_path: str) -> Trace:
         raise ValueError(f"trace {path}: its rows have {data.shape[1]} columns, its header {len(header)}")
     used = [col[c] for c in ("num_prefill_tokens", "num_decode_tokens", "arrived_at") if c in col]
     checks = [(~np.isfinite(data).all(axis=1), "row {} holds a value that is not a finite number"),
-              ((data[:, used] < 0).any(axis=1), "row {} holds a negative value")]
+              ((data[:, used] < 0).any(axis=1), "row {} holds a negative value"),
+              ((data[:, [col["num_prefill_tokens"], col["num_decode_tokens"]]] > MAX_TRACE_TOKENS).any(axis=1),
+               f"row {{}} holds a token count above {MAX_TRACE_TOKENS:,}")]
     if "arrived_at" in col:
         checks.append((np.diff(data[:, col["arrived_at"]], prepend=-np.inf) < 0,
                        "arrived_at goes back in time at row {} (rows must be in arrival order)"))
