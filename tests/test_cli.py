@@ -54,6 +54,10 @@ def test_argument_errors_are_one_line(tmp_path):
                           (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s): lifo"),
                           (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
                           (["bench", "--label", "../x"], "must be a file name without folders"),
+                          (["simulate", "--seed", "1e3"], "--seed: must be an integer >= 0, got '1e3'"),
+                          (["simulate", "--class-mix", "interactive=1,interactive=2"], "interactive is given twice"),
+                          (["bench", "capacity", "--threshold", "101"], "must be a percentage in (0, 100]"),
+                          (["serve", "--host", ""], "--host: must not be empty"),
                           (["generate", "--top-p", "2", "hi"], "top_p must be in (0, 1]"),  # before the load
                           ([], "niyama: error: the following arguments are required: command")]:
         p = niyama(*args)

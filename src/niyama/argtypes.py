@@ -8,8 +8,16 @@ import tempfile
 from pathlib import Path
 
 
+def _number(text: str, convert, what: str):
+    """``convert(text)``, with argparse's error naming ``what`` was expected rather than the type function."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _finite(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a number")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
@@ -29,8 +37,21 @@ def non_negative(text: str) -> float:
     return value
 
 
+def percent(text: str) -> float:
+    value = positive(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {text}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a positive integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -51,7 +72,7 @@ def at_least(minimum: int):
     """An integer type that refuses values below ``minimum``."""
 
     def check(text: str) -> int:
-        value = int(text)
+        value = _number(text, int, f"an integer >= {minimum}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
         return value
@@ -63,7 +84,7 @@ non_negative_int = at_least(0)
 
 
 def port(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a TCP port (1-65535)")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
     return value
@@ -110,6 +131,8 @@ def mix(text: str) -> dict[str, float]:
     out = {}
     for part in filter(None, text.split(",")):
         name, _, weight = part.partition("=")
+        if name.strip() in out:
+            raise argparse.ArgumentTypeError(f"{name.strip()} is given twice in {text!r}")
         try:
             out[name.strip()] = non_negative(weight) if weight else 1.0
         except (ValueError, argparse.ArgumentTypeError):
@@ -137,6 +160,8 @@ def mapping(text: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(f"{key.strip()} is given twice in {text!r}")
         out[key.strip()] = value.strip()
     if not out:
         raise argparse.ArgumentTypeError("empty mapping")

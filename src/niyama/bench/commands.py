@@ -16,6 +16,7 @@ from niyama.argtypes import (
     mapping,
     mix,
     non_negative_int,
+    percent,
     positive,
     positive_int,
     threshold,
@@ -99,8 +100,8 @@ def register(subparsers) -> None:
         action.default = argparse.SUPPRESS
     c.add_argument("--start", type=positive, default=1.0, help="first rate tried (req/s)")
     c.add_argument("--tolerance", type=positive, default=0.05, help="stop bisecting at this relative width")
-    c.add_argument("--threshold", type=positive, default=1.0, help="violation %% allowed per class")
-    c.add_argument("--stop-at", type=positive, default=10.0,
+    c.add_argument("--threshold", type=percent, default=1.0, help="violation %% allowed per class")
+    c.add_argument("--stop-at", type=percent, default=10.0,
                    help="end a point early once a class certainly has this %% of violations")
     c.set_defaults(func=cmd_capacity)
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
-from niyama.argtypes import at_least, non_negative, output_file, port, positive, positive_int
+from niyama.argtypes import at_least, non_empty, non_negative, output_file, port, positive, positive_int
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                    help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
     p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", type=non_empty, default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
                    "float16 on a GPU without bfloat16)")
