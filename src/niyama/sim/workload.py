@@ -146,8 +146,9 @@ def requests_in(trace: str, duration: float, rate: float | None) -> int | None:
 def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: str) -> np.ndarray:
     names = list(mix)
     weights = np.array([mix[k] for k in names], dtype=float)
-    if len(names) == 0 or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"{what} mix needs non-negative weights that sum above zero")
+    if len(names) == 0 or (weights < 0).any() or not (weights > 0).any() or not np.isfinite(weights).all():
+        raise ValueError(f"{what} mix needs finite non-negative weights, not all zero")
+    weights = weights / weights.max()  # weights near the float limit would overflow their sum
     return np.array(names, dtype=object)[rng.choice(len(names), size=n, p=weights / weights.sum())]
 
 
@@ -174,6 +175,11 @@ def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
         n = min(spec.num_requests or len(trace), len(trace) - spec.offset)
         arrivals = trace.arrivals[spec.offset:spec.offset + n] - trace.arrivals[spec.offset]
     rows = (np.arange(n) + spec.offset) % len(trace)
+    longest = max(trace.prompt_tokens[rows].max(initial=0), trace.decode_tokens[rows].max(initial=0)) * \
+        spec.length_scale
+    if not longest <= MAX_TRACE_TOKENS:
+        raise ValueError(f"length scale {spec.length_scale:g} makes a request of {longest:.3g} tokens "
+                         f"(at most {MAX_TRACE_TOKENS:,})")
     prompts = np.maximum(np.rint(trace.prompt_tokens[rows] * spec.length_scale), 1).astype(int)
     decodes = np.maximum(np.rint(trace.decode_tokens[rows] * spec.length_scale), 1).astype(int)
     if spec.max_prompt_tokens:
