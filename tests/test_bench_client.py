@@ -14,7 +14,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from niyama.bench.client import BenchConfig, ServerError, _service_tiers, list_models, run_load_async
+from niyama.bench.client import (
+    BenchConfig,
+    ServerError,
+    _priorities,
+    _service_tiers,
+    list_models,
+    run_load_async,
+)
 from niyama.qos import Importance, QoSClasses
 from niyama.sim.workload import RequestSpec
 
@@ -111,11 +118,9 @@ def test_failures_are_recorded_and_a_hung_stream_is_cut_by_the_drain_timeout(fak
     assert all(r.ended is not None for r in run.results)
 
 
-def test_priority_mode_needs_a_priority_for_every_class():
-    specs = [RequestSpec(0.0, 8, GOOD, "chat", Importance.STANDARD)]
-    cfg = BenchConfig(base_url="http://127.0.0.1:9/v1", qos_mode="priority", priorities={"batch": 0})
-    with pytest.raises(ValueError, match="no priority for class"):
-        asyncio.run(run_load_async(specs, CLASSES, cfg))
+def test_priorities_given_for_some_classes_keep_the_others_defaults():
+    assert _priorities(CLASSES) == {"chat": 0, "batch": 1}
+    assert _priorities(CLASSES, {"batch": -3}) == {"chat": 0, "batch": -3}
 
 
 @pytest.mark.parametrize("answer", [b'{"object": "list"}', b'[1, 2]', b"<html>hello</html>"])

@@ -40,7 +40,7 @@ class BenchConfig:
     endpoint: str = "completions"  # or "chat"
     qos_mode: str = "niyama"  # how each request states its class (QOS_MODES)
     service_tiers: Mapping[str, str] | None = None  # class → tier; default: interactive classes priority, others flex
-    priorities: Mapping[str, int] | None = None  # class → vLLM priority; default: by deadline, tightest 0
+    priorities: Mapping[str, int] | None = None  # class → vLLM priority; others: by deadline, tightest 0
     ignore_eos: bool = True
     vocab_size: int = 32000  # random prompt ids are drawn from [100, vocab_size)
     api_key: str | None = None
@@ -90,10 +90,11 @@ class RunResult:
         return self.stop_reason is not None
 
 
-def _priorities(classes: QoSClasses) -> dict[str, int]:
-    """vLLM priority per class: the class with the tightest first deadline gets 0 (served first)."""
+def _priorities(classes: QoSClasses, given: Mapping[str, int] | None = None) -> dict[str, int]:
+    """vLLM priority per class: ``given``, else by deadline, the class with the tightest first deadline 0
+    (served first)."""
     order = sorted(classes, key=lambda n: classes[n].first_token_deadline(0.0))
-    return {name: i for i, name in enumerate(order)}
+    return {name: i for i, name in enumerate(order)} | dict(given or {})
 
 
 def _service_tiers(classes: QoSClasses) -> dict[str, str]:
@@ -234,10 +235,8 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     rng = np.random.default_rng(cfg.seed)
-    priorities = cfg.priorities or _priorities(classes)
+    priorities = _priorities(classes, cfg.priorities)
     tiers = {**_service_tiers(classes), **(cfg.service_tiers or {})}
-    if cfg.qos_mode == "priority" and (missing := {s.qos_class for s in specs} - set(priorities)):
-        raise ValueError(f"no priority for class(es) {', '.join(sorted(missing))}")
     results = [RequestResult(i, s) for i, s in enumerate(specs)]
     totals = {name: sum(1 for s in specs if s.qos_class == name) for name in classes}
     connector = aiohttp.TCPConnector(limit=0)

@@ -46,7 +46,7 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(g, "--service-tiers", type=mapping, default=None,
            help="class=tier for --qos-mode service-tier (default: interactive classes priority, batch ones flex)")
     add(g, "--priorities", type=int_mapping, default=None,
-           help="class=int for --qos-mode priority (default: tightest deadline first, from 0)")
+           help="class=int for --qos-mode priority (classes not given: tightest deadline first, from 0)")
     add(g, "--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
     add(g, "--vocab-size", type=at_least(101), default=32000,
         help="random prompt ids are in [100, this)")
