@@ -53,14 +53,14 @@ def test_trace_files_from_a_spreadsheet_and_corrupt_rows(tmp_path):
 
 def test_out_of_range_lengths_and_weights():
     with pytest.raises(ValueError, match="length scale 1e.300 makes a request of"):
-        build_workload(WorkloadSpec(trace="azure_code", rate=1.0, num_requests=5, length_scale=1e300))
-    huge = build_workload(WorkloadSpec(trace="azure_code", rate=1.0, num_requests=400,
+        build_workload(WorkloadSpec(synthetic_lengths=(100, 10), rate=1.0, num_requests=5, length_scale=1e300))
+    huge = build_workload(WorkloadSpec(synthetic_lengths=(100, 10), rate=1.0, num_requests=400,
                                        class_mix={"interactive": 1e308, "batch-10m": 1e308}))
     assert {s.qos_class for s in huge} == {"interactive", "batch-10m"}
 
 
 def test_a_prompt_larger_than_the_kv_cache_is_refused_by_name():
-    specs = build_workload(WorkloadSpec(trace="azure_code", rate=1.0, num_requests=5, length_scale=100))
+    specs = build_workload(WorkloadSpec(synthetic_lengths=(500_000, 5), rate=1.0, num_requests=5))
     with pytest.raises(ValueError, match="does not fit the simulated KV cache"):
         simulate(specs, CLASSES, SimConfig("fcfs"))
 
