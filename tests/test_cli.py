@@ -49,6 +49,13 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("niyama: error:") and message in lines[0]
 
 
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("")
+    p = niyama("simulate", "--rate", "1", "--output-dir", str(tmp_path / "afile"))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "afile is not a directory" in lines[0], p.stderr
+
+
 def test_argument_errors_are_one_line(tmp_path):
     for args, message in [(["simulate", "--rate", "-3"], "niyama simulate: error: argument --rate: must be positive"),
                           (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s): lifo"),

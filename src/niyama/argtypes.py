@@ -102,6 +102,8 @@ def _can_write_in(folder: Path) -> bool:
 def ensure_writable_dir(path: Path) -> None:
     """Create ``path`` if needed and check that a file can be written in it: before a long run, not when
     its results are saved."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
     path.mkdir(parents=True, exist_ok=True)
     if not _can_write_in(path):
         raise PermissionError(f"cannot write in {path}")
