@@ -97,9 +97,10 @@ def _priorities(classes: QoSClasses, given: Mapping[str, int] | None = None) -> 
     return {name: i for i, name in enumerate(order)} | dict(given or {})
 
 
-def _service_tiers(classes: QoSClasses) -> dict[str, str]:
-    """OpenAI service tier per class: ``priority`` for interactive classes, ``flex`` for batch ones."""
-    return {name: "priority" if qos.interactive else "flex" for name, qos in classes.items()}
+def _service_tiers(classes: QoSClasses, given: Mapping[str, str] | None = None) -> dict[str, str]:
+    """OpenAI service tier per class: ``given``, else ``priority`` for interactive classes, ``flex`` for batch
+    ones."""
+    return {name: "priority" if qos.interactive else "flex" for name, qos in classes.items()} | dict(given or {})
 
 
 def _body(cfg: BenchConfig, model: str, spec: RequestSpec, prompt: list[int] | str, classes: QoSClasses,
@@ -236,7 +237,7 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     rng = np.random.default_rng(cfg.seed)
     priorities = _priorities(classes, cfg.priorities)
-    tiers = {**_service_tiers(classes), **(cfg.service_tiers or {})}
+    tiers = _service_tiers(classes, cfg.service_tiers)
     results = [RequestResult(i, s) for i, s in enumerate(specs)]
     totals = {name: sum(1 for s in specs if s.qos_class == name) for name in classes}
     connector = aiohttp.TCPConnector(limit=0)
