@@ -175,13 +175,13 @@ def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
         n = min(spec.num_requests or len(trace), len(trace) - spec.offset)
         arrivals = trace.arrivals[spec.offset:spec.offset + n] - trace.arrivals[spec.offset]
     rows = (np.arange(n) + spec.offset) % len(trace)
-    longest = max(trace.prompt_tokens[rows].max(initial=0), trace.decode_tokens[rows].max(initial=0)) * \
-        spec.length_scale
+    prompts, decodes = trace.prompt_tokens[rows] * spec.length_scale, trace.decode_tokens[rows] * spec.length_scale
+    longest = max(prompts.max(initial=0), decodes.max(initial=0))
     if not longest <= MAX_TRACE_TOKENS:
         raise ValueError(f"length scale {spec.length_scale:g} makes a request of {longest:.3g} tokens "
                          f"(at most {MAX_TRACE_TOKENS:,})")
-    prompts = np.maximum(np.rint(trace.prompt_tokens[rows] * spec.length_scale), 1).astype(int)
-    decodes = np.maximum(np.rint(trace.decode_tokens[rows] * spec.length_scale), 1).astype(int)
+    prompts = np.maximum(np.rint(prompts), 1).astype(int)
+    decodes = np.maximum(np.rint(decodes), 1).astype(int)
     if spec.max_prompt_tokens:
         prompts = np.minimum(prompts, spec.max_prompt_tokens)
     classes = _mix_draw(spec.class_mix, n, rng, "class")
