@@ -49,6 +49,9 @@ class SchedulerConfig:
     # 1/sheddable_margin of the time left to its deadline; the rest is headroom for more important work
     # that has not arrived yet. 1 treats sheddable requests like the others.
     sheddable_margin: float = 2.0
+    # While relegation walks keep shedding at an importance level, relegate that level's largest new requests
+    # on arrival (scheduler/size_cap.py): the same work shed in fewer requests. Part of relegation.
+    size_cap: bool = True
 
     def __post_init__(self) -> None:
         # Any of these at 0 schedules empty batches forever.
@@ -100,6 +103,10 @@ class Scheduler:
         """Return the candidates that stay in the normal queue (policies without relegation keep all)."""
         return candidates
 
+    def relegate_on_arrival(self, request: Request) -> bool:
+        """Whether a new request goes straight to the relegated queue (Niyama: too large under overload)."""
+        return False
+
     def admissible(self, request: Request, now: float) -> bool:
         """Last check before a request gets prefill tokens; False relegates it (Niyama: hopeless)."""
         return True
@@ -123,6 +130,8 @@ class Scheduler:
             raise ValueError(f"prompt + max_tokens ({request.num_prompt_tokens} + {request.max_tokens}) "
                              f"exceeds the KV cache ({self.kv.capacity_tokens} tokens)")
         self._by_id[request.request_id] = request
+        if self.relegate_on_arrival(request):
+            request.relegated = True
         self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:

@@ -8,8 +8,9 @@
    that would finish its prefill after its deadline makes room by relegation: less important requests
    ahead of it go first (sheddable, then standard), then the largest of its own level (itself
    included). Sheddable requests must fit with a margin, which keeps headroom for more important
-   work still to come. Relegated requests are served only with budget nobody else can use, those that
-   can still make their deadline first.
+   work still to come. While walks keep relegating at a level, the largest new requests of that level
+   are relegated on arrival (``size_cap``). Relegated requests are served only with budget nobody else
+   can use, those that can still make their deadline first.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from niyama.qos import Importance
 from niyama.request import FinishReason, Request, RequestStatus
 from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
 from niyama.scheduler.batch import Batch
+from niyama.scheduler.size_cap import LEAST_IMPORTANT_FIRST, SizeCap
 
-LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
 SHEDDABLE = Importance.SHEDDABLE
 QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 RUNNING = RequestStatus.RUNNING
@@ -64,6 +65,7 @@ class DeadlineScheduler(Scheduler):
         self._budget = config.chunk_size
         self._next_walk = float("-inf")
         self._walk: _Walk | None = None
+        self.size_cap = SizeCap() if config.relegation and config.size_cap else None
 
     def set_predictor(self, predictor: BatchTimePredictor) -> None:
         old, chunk = self.predictor, self.config.chunk_size
@@ -98,6 +100,16 @@ class DeadlineScheduler(Scheduler):
     def waiting_key(self, request: Request) -> SortKey:
         self._plan[request] = self._plan_entry(request)
         return self._priority(request)
+
+    def relegate_on_arrival(self, request: Request) -> bool:
+        return self.size_cap is not None and self.size_cap.arrive(request)
+
+    def _relegate(self, requests: list[Request]) -> None:
+        if self.size_cap is not None:
+            for r in requests:
+                if not r.relegated:
+                    self.size_cap.shed(r)
+        super()._relegate(requests)
 
     def _plan_entry(self, request: Request) -> tuple[int, float, Importance]:
         return request.prefill_remaining, self.prefill_deadline(request), request.qos.importance
@@ -182,6 +194,8 @@ class DeadlineScheduler(Scheduler):
             return candidates
         walk = self._walk
         if walk is None:
+            if self.size_cap is not None:
+                self.size_cap.update(now, self.prefill_rate)
             self._next_walk = now + self.config.relegation_period
             walk = self._walk = _Walk(list(candidates), 1.0 / self.prefill_rate, now)
             candidates = walk.queue

@@ -1,0 +1,74 @@
+"""Eager relegation on arrival under sustained overload: a cap on the size of new work, per importance level.
+
+The relegation walk makes room by relegating the largest requests *queued* ahead of one that would miss.
+Under sustained overload that is not the largest requests of the workload: requests served soon after
+they arrive (interactive prompts) are never in a walk's queue, so the walk's victims are of ordinary
+size, while large interactive prompts are served. Shedding the same work costs fewer requests when the
+largest go. So, per level, the cap is the size above which the last ``WINDOW`` seconds of arrivals carry
+as much prefill work as relegation has been shedding of that level per second (a smoothed rate); a new
+request at or above it is relegated on arrival (it still gets leftover budget, like any relegated one).
+
+The cap acts only at a level whose requests the walks have been relegating, so importance order holds:
+while relegating sheddable requests is enough, standard and critical ones are never capped. It sheds at
+most what arrivals bring beyond the estimated prefill rate, and fades once the walks stop shedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from niyama.qos import Importance
+from niyama.request import Request
+
+LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
+
+
+class SizeCap:
+    WINDOW = 10.0  # s of arrivals a cap is computed from
+    SMOOTHING = 0.2  # weight of the newest period in the shed-rate average
+    DECAY = 0.02  # per update: without new shedding the rate fades, and the cap with it
+
+    def __init__(self) -> None:
+        self._arrivals: deque[tuple[float, int, Importance]] = deque()  # (arrival, prefill tokens, level)
+        self._shed = [0.0] * len(Importance)  # prefill tokens relegated since the last update, per level
+        self._rate = [0.0] * len(Importance)  # smoothed shed rate, tokens/s per level
+        self._last_update: float | None = None
+        self.caps = [math.inf] * len(Importance)  # new requests with at least this much prefill are relegated
+
+    def arrive(self, request: Request) -> bool:
+        """Record a new request; True if it is to be relegated now."""
+        work, level = request.prefill_remaining, request.qos.importance
+        self._arrivals.append((request.arrival, work, level))
+        if work < self.caps[level]:
+            return False
+        self._shed[level] += work
+        return True
+
+    def shed(self, request: Request) -> None:
+        """Record a request relegated by other means (a walk, or a hopeless one)."""
+        self._shed[request.qos.importance] += request.prefill_remaining
+
+    def update(self, now: float, prefill_rate: float) -> None:
+        """Fold the shedding since the last update into the rates and set new caps (once per walk)."""
+        if self._last_update is not None and now > self._last_update:
+            elapsed = now - self._last_update
+            for level, rate in enumerate(self._rate):
+                sample = self._shed[level] / elapsed
+                self._rate[level] = (1 - self.DECAY) * (rate + self.SMOOTHING * (sample - rate))
+        self._last_update, self._shed = now, [0.0] * len(Importance)
+        while self._arrivals and self._arrivals[0][0] < now - self.WINDOW:
+            self._arrivals.popleft()
+        excess = sum(work for _, work, _ in self._arrivals) / self.WINDOW - prefill_rate  # tokens/s
+        self.caps = [math.inf] * len(Importance)
+        for level in LEAST_IMPORTANT_FIRST:
+            rate = min(self._rate[level], excess)
+            if rate <= 0:
+                continue
+            excess -= rate
+            need = rate * self.WINDOW  # prefill tokens of this window's arrivals to shed, largest first
+            for work in sorted((w for _, w, lv in self._arrivals if lv == level), reverse=True):
+                if need <= 0:
+                    break
+                need -= work
+                self.caps[level] = work
