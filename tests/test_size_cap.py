@@ -4,15 +4,17 @@ from niyama.scheduler.size_cap import SizeCap
 from tests.conftest import build_scheduler, linear_predictor, make_request
 
 
-def overloaded_cap(shed_level="standard"):
-    """Ten seconds of arrivals, 1,900 prefill tokens/s (nine of 100 tokens and one of 1,000 per second,
-    standard), for a prefill rate of 600 tokens/s; then ten seconds in which relegation shed 300 tokens/s
-    of ``shed_level``."""
+def overloaded_cap(shed_level="standard", sheddable_per_second=0):
+    """Ten seconds of arrivals, 1,900 standard prefill tokens/s (nine prompts of 100 tokens and one of 1,000
+    per second) and ``sheddable_per_second`` sheddable prompts of 100, for a prefill rate of 600 tokens/s;
+    then ten seconds in which relegation shed 300 tokens/s of ``shed_level``."""
     cap = SizeCap()
     for second in range(10):
         for i in range(9):
             cap.arrive(make_request(100, arrival=second + i / 10))
         cap.arrive(make_request(1000, arrival=second + 0.95))
+        for i in range(sheddable_per_second):
+            cap.arrive(make_request(100, arrival=second + i / 100, importance="sheddable"))
     cap.update(0.0, prefill_rate=600.0)
     cap.shed(make_request(3000, importance=shed_level))
     cap.update(10.0, prefill_rate=600.0)
@@ -37,8 +39,21 @@ def test_the_largest_arrivals_carry_the_shed_work():
     assert not cap.arrive(make_request(5000, arrival=10.0, importance="critical"))
 
 
-def test_only_levels_that_relegation_sheds_are_capped():
-    cap = overloaded_cap(shed_level="sheddable")  # no sheddable arrivals to cap, and standard is spared
+def test_a_level_is_capped_only_once_every_less_important_one_is_shed():
+    # Sheddable work was shed but none arrives: every new sheddable request goes; standard is spared.
+    assert overloaded_cap(shed_level="sheddable").caps == [math.inf, math.inf, 0]
+    # Standard work was shed while sheddable requests arrive and are not shed: no level is capped.
+    assert overloaded_cap(sheddable_per_second=5).caps == [math.inf] * 3
+
+
+def test_an_odd_relegation_starts_no_cap():
+    # 30 tokens in ten seconds: 3 tokens/s, 0.6 tokens/s once smoothed, under 0.3% of 1,900 tokens/s arriving.
+    cap = SizeCap()
+    for i in range(100):
+        cap.arrive(make_request(190, arrival=i / 10))
+    cap.update(0.0, prefill_rate=600.0)
+    cap.shed(make_request(30))
+    cap.update(10.0, prefill_rate=600.0)
     assert cap.caps == [math.inf] * 3
 
 

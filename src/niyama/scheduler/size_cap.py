@@ -8,8 +8,9 @@ largest go. So, per level, the cap is the size above which the last ``WINDOW`` s
 as much prefill work as relegation has been shedding of that level per second (a smoothed rate); a new
 request at or above it is relegated on arrival (it still gets leftover budget, like any relegated one).
 
-The cap acts only at a level whose requests the walks have been relegating, so importance order holds:
-while relegating sheddable requests is enough, standard and critical ones are never capped. It sheds at
+The cap acts only at a level whose requests the walks keep relegating (at least ``MIN_WALK_SHARE`` of
+that level's arriving work), so importance order holds: while relegating sheddable requests is enough,
+standard and critical ones are never capped, and an odd miss near capacity does not start it. It sheds at
 most what arrivals bring beyond the estimated prefill rate, and fades once the walks stop shedding.
 """
 
@@ -28,11 +29,16 @@ class SizeCap:
     WINDOW = 10.0  # s of arrivals a cap is computed from
     SMOOTHING = 0.2  # weight of the newest period in the shed-rate average
     DECAY = 0.02  # per update: without new shedding the rate fades, and the cap with it
+    MIN_WALK_SHARE = 0.003  # of a level's arriving work that other relegation must shed for a cap
 
     def __init__(self) -> None:
         self._arrivals: deque[tuple[float, int, Importance]] = deque()  # (arrival, prefill tokens, level)
-        self._shed = [0.0] * len(Importance)  # prefill tokens relegated since the last update, per level
-        self._rate = [0.0] * len(Importance)  # smoothed shed rate, tokens/s per level
+        # Per level, prefill tokens relegated since the last update (all; not by the cap) and their smoothed
+        # rates in tokens/s.
+        self._shed = [0.0] * len(Importance)
+        self._walk_shed = [0.0] * len(Importance)
+        self._rate = [0.0] * len(Importance)
+        self._walk_rate = [0.0] * len(Importance)
         self._last_update: float | None = None
         self.caps = [math.inf] * len(Importance)  # new requests with at least this much prefill are relegated
 
@@ -48,27 +54,35 @@ class SizeCap:
     def shed(self, request: Request) -> None:
         """Record a request relegated by other means (a walk, or a hopeless one)."""
         self._shed[request.qos.importance] += request.prefill_remaining
+        self._walk_shed[request.qos.importance] += request.prefill_remaining
 
     def update(self, now: float, prefill_rate: float) -> None:
         """Fold the shedding since the last update into the rates and set new caps (once per walk)."""
         if self._last_update is not None and now > self._last_update:
             elapsed = now - self._last_update
-            for level, rate in enumerate(self._rate):
-                sample = self._shed[level] / elapsed
-                self._rate[level] = (1 - self.DECAY) * (rate + self.SMOOTHING * (sample - rate))
-        self._last_update, self._shed = now, [0.0] * len(Importance)
+            for rates, shed in ((self._rate, self._shed), (self._walk_rate, self._walk_shed)):
+                for level, rate in enumerate(rates):
+                    rates[level] = (1 - self.DECAY) * (rate + self.SMOOTHING * (shed[level] / elapsed - rate))
+        self._last_update = now
+        self._shed, self._walk_shed = [0.0] * len(Importance), [0.0] * len(Importance)
         while self._arrivals and self._arrivals[0][0] < now - self.WINDOW:
             self._arrivals.popleft()
-        excess = sum(work for _, work, _ in self._arrivals) / self.WINDOW - prefill_rate  # tokens/s
+        arriving = [0.0] * len(Importance)  # tokens/s per level
+        for _, work, level in self._arrivals:
+            arriving[level] += work / self.WINDOW
+        excess = sum(arriving) - prefill_rate
         self.caps = [math.inf] * len(Importance)
         for level in LEAST_IMPORTANT_FIRST:
             rate = min(self._rate[level], excess)
-            if rate <= 0:
-                continue
-            excess -= rate
-            need = rate * self.WINDOW  # prefill tokens of this window's arrivals to shed, largest first
-            for work in sorted((w for _, w, lv in self._arrivals if lv == level), reverse=True):
-                if need <= 0:
-                    break
-                need -= work
-                self.caps[level] = work
+            if rate > 0 and self._walk_rate[level] >= self.MIN_WALK_SHARE * arriving[level]:
+                excess -= rate
+                need = rate * self.WINDOW  # prefill tokens of this window's arrivals to shed, largest first
+                for work in sorted((w for _, w, lv in self._arrivals if lv == level), reverse=True):
+                    if need <= 0:
+                        break
+                    need -= work
+                    self.caps[level] = work
+                if need > 0:
+                    self.caps[level] = 0
+            if arriving[level] and self.caps[level]:
+                break  # a more important level is capped only once all of this one is shed
