@@ -50,6 +50,9 @@ class Importance(enum.IntEnum):
         raise QoSError(f"importance must be a string, got {value!r}", "importance")
 
 
+LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))  # the order in which overload sheds levels
+
+
 @dataclass(frozen=True, slots=True)
 class QoS:
     """One request's latency objective. Times are seconds."""

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 
 from niyama.memory import KVBlockManager
 from niyama.predictor import BatchTimePredictor
-from niyama.qos import Importance
+from niyama.qos import LEAST_IMPORTANT_FIRST, Importance
 from niyama.request import FinishReason, Request, RequestStatus
 from niyama.scheduler.base import Scheduler, SchedulerConfig, SortKey
 from niyama.scheduler.batch import Batch
-from niyama.scheduler.size_cap import LEAST_IMPORTANT_FIRST, SizeCap
+from niyama.scheduler.size_cap import SizeCap
 
 SHEDDABLE = Importance.SHEDDABLE
 QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)

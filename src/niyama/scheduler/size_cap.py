@@ -19,10 +19,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from niyama.qos import Importance
+from niyama.qos import LEAST_IMPORTANT_FIRST, Importance
 from niyama.request import Request
-
-LEAST_IMPORTANT_FIRST = tuple(sorted(Importance, reverse=True))
 
 
 class SizeCap:
