@@ -165,6 +165,41 @@ def test_relegation_sheds_the_largest_request_of_a_level(build):
     assert [r.request_id for _, _, r in s.relegated] == ["big"]
 
 
+@pytest.mark.parametrize(("depth", "relegated", "order"), [(8, [], ["big", "big-2", "small"]),
+                                                             (0, ["big"], ["small", "big-2", "big"])])
+def test_requests_at_risk_are_promoted_to_deadline_order_before_anyone_is_relegated(build, monkeypatch, depth,
+                                                                                    relegated, order):
+    # Hybrid order: small (0.3 s of work, due at 5 s), big (1.0 s, due at 2 s), big-2 (0.9 s, due at 2.1 s).
+    # In that order big-2 would end at 2.2 s; promoted to deadline order, all three make it and nobody is
+    # relegated. Without promotion (depth 0) the walk relegates the largest of the level, big, which gets
+    # only the budget left over.
+    monkeypatch.setattr(type(build("niyama")), "PROMOTE_DEPTH", depth)
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), chunk_candidates=(100_000,))
+    rate = s.prefill_rate
+    for rid, seconds, arrival in [("small", 0.3, -1.0), ("big", 1.0, -4.0), ("big-2", 0.9, -3.9)]:
+        s.add(make_request(int(rate * seconds), arrival=arrival, rid=rid))
+    assert [r.request_id for _, _, r in s.waiting] == ["small", "big", "big-2"]
+    batch = s.schedule(0.0)
+    assert [r.request_id for r, _ in batch.prefills if r.relegated] == relegated
+    assert prefill_ids(batch) == order
+
+
+def test_promotion_keeps_a_request_at_risk_ahead_of_later_arrivals(build):
+    # A 1 s prompt due in 1.5 s fits, but within the 1 s until the next walk; promoted to its deadline as
+    # priority, a short prompt arriving after the walk no longer goes before it (hybrid order would put it first).
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), chunk_candidates=(100,))
+    big = make_request(int(s.prefill_rate), arrival=-4.5, rid="big")
+    s.add(big)
+    s.schedule(0.0)
+    s.add(make_request(10, arrival=0.01, rid="short"))
+    assert prefill_ids(s.schedule(0.02)) == ["big"]
+    hybrid = build("niyama", predictor=linear_predictor(0.01, 1e-4), chunk_candidates=(100,), relegation=False)
+    hybrid.add(make_request(int(s.prefill_rate), arrival=-4.5, rid="big"))
+    hybrid.schedule(0.0)
+    hybrid.add(make_request(10, arrival=0.01, rid="short"))
+    assert prefill_ids(hybrid.schedule(0.02))[0] == "short"
+
+
 @pytest.mark.parametrize(("margin", "relegated"), [(2.0, {"shed"}), (1.0, set())])
 def test_sheddable_requests_must_fit_with_a_margin(build, margin, relegated):
     # Two prompts of one second each, both due in 3 s: both fit, but the sheddable one finishes after
@@ -326,7 +361,7 @@ def test_partly_prefilled_requests_keep_their_place_in_priority_order(build):
     s.add(make_request(5, rid="w5"))
     s.add(make_request(50, rid="w50"))
     s.add(make_request(200, rid="w200"))
-    order = [r.request_id for r in s._prefill_order([s.get("p70")], 0.2)]
+    order = [r.request_id for r in s._prefill_order(0.2)]
     assert order == ["w5", "p70", "w50", "p100", "w200"]
 
 

@@ -211,8 +211,7 @@ class Scheduler:
         admit = not batch.preempted  # a request preempted now must not take its blocks straight back
         while True:
             budget = max(self.token_budget(batch.decodes, now) - len(batch.decodes), 0)
-            partials = [r for r in self.running if not r.is_decoding and not r.relegated]
-            candidates = self.relegate(self._prefill_order(partials, now), now)
+            candidates = self.relegate(self._prefill_order(now), now)
             budget = self._fill_prefills(batch, candidates, budget, now, admit)
             if budget > 0:
                 started = [r for r in self.running if r.relegated and not r.is_decoding]
@@ -229,9 +228,10 @@ class Scheduler:
             batch.preempted.append(victim)
             admit = False
 
-    def _prefill_order(self, partials: list[Request], now: float) -> Iterator[Request]:
-        """Partly prefilled requests merged into the (already sorted) waiting queue, lazily: under
-        overload the queue is long and an iteration usually needs only its head."""
+    def _prefill_order(self, now: float) -> Iterator[Request]:
+        """Partly prefilled requests (not relegated) merged into the (already sorted) waiting queue,
+        lazily: under overload the queue is long and an iteration usually needs only its head."""
+        partials = [r for r in self.running if not r.is_decoding and not r.relegated]
         if not partials:
             return map(itemgetter(2), self.waiting)
         return self._merged_order(partials, now)

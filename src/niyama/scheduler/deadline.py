@@ -7,15 +7,18 @@
 3. Eager relegation: walking the queue in priority order with the estimated prefill rate, a request
    that would finish its prefill after its deadline makes room by relegation: less important requests
    ahead of it go first (sheddable, then standard), then the largest of its own level (itself
-   included). Sheddable requests must fit with a margin, which keeps headroom for more important
-   work still to come. While walks keep relegating at a level, the largest new requests of that level
-   are relegated on arrival (``size_cap``). Relegated requests are served only with budget nobody else
-   can use, those that can still make their deadline first.
+   included). Before that, a request at risk (or within ``relegation_period`` of it) is promoted to
+   its deadline as priority if that saves it without making anyone it overtakes late. Sheddable
+   requests must fit with a margin, which keeps headroom for more important work still to come. While
+   walks keep relegating at a level, the largest new requests of that level are relegated on arrival
+   (``size_cap``). Relegated requests are served only with budget nobody else can use, those that can
+   still make their deadline first.
 """
 
 from __future__ import annotations
 
 import heapq
+from bisect import insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -40,6 +43,8 @@ class _Walk:
     inv_rate: float  # s per prefill token, fixed for the walk
     t: float  # when the prefill of the last kept request is estimated to end
     position: int = 0  # requests visited so far
+    kept: list[int] = field(default_factory=list)  # positions of the kept requests, in the order they are served
+    dropped: set[int] = field(default_factory=set)  # positions relegated as victims during the walk
     # Per importance level, the kept requests as max-heaps by prefill work, later position first on
     # ties. An entry is one int, -(work × len(queue) + position): ints compare much faster than tuples.
     ahead: list[list[int]] = field(default_factory=lambda: [[] for _ in Importance])
@@ -59,6 +64,8 @@ class DeadlineScheduler(Scheduler):
         # (prefill tokens, prefill deadline, importance) of each waiting request, fixed while it waits:
         # the relegation walk visits the whole queue, so it must not recompute these.
         self._plan: dict[Request, tuple[int, float, Importance]] = {}
+        # Requests at risk that the relegation walk promoted to their deadline as priority (``_promote``).
+        self._keys: dict[Request, float] = {}
         # Estimated prefill throughput (tokens/s): a moving average over iterations that had more
         # prefill work than budget, priced by the predictor (so it stays pure and deterministic).
         self.prefill_rate = config.chunk_size / self.iteration_time
@@ -97,9 +104,13 @@ class DeadlineScheduler(Scheduler):
             work += self.decode_estimate(request)
         return request.deadline + min(alpha * work, self.config.hybrid_cap * (request.deadline - request.arrival))
 
+    def _key(self, request: Request) -> float:
+        key = self._keys.get(request)
+        return self._priority(request) if key is None else key
+
     def waiting_key(self, request: Request) -> SortKey:
         self._plan[request] = self._plan_entry(request)
-        return self._priority(request)
+        return self._key(request)
 
     def relegate_on_arrival(self, request: Request) -> bool:
         return self.size_cap is not None and self.size_cap.arrive(request)
@@ -115,7 +126,7 @@ class DeadlineScheduler(Scheduler):
         return request.prefill_remaining, self.prefill_deadline(request), request.qos.importance
 
     def running_key(self, request: Request, now: float) -> SortKey:
-        return self._priority(request)
+        return self._key(request)
 
     def _start(self, request: Request, now: float) -> None:
         self._plan.pop(request, None)
@@ -123,6 +134,7 @@ class DeadlineScheduler(Scheduler):
 
     def finish(self, request: Request, now: float, reason: FinishReason) -> None:
         self._plan.pop(request, None)
+        self._keys.pop(request, None)
         super().finish(request, now, reason)
 
     # -- dynamic chunking ----------------------------------------------------------------------
@@ -198,11 +210,10 @@ class DeadlineScheduler(Scheduler):
                 self.size_cap.update(now, self.prefill_rate)
             self._next_walk = now + self.config.relegation_period
             walk = self._walk = _Walk(list(candidates), 1.0 / self.prefill_rate, now)
-            candidates = walk.queue
         self._relegate(self._walk_step(walk, now))
         if walk.position == len(walk.queue):
             self._walk = None
-        return (r for r in candidates if not r.relegated)
+        return self._prefill_order(now)  # the queue as the step left it: some relegated, some reordered
 
     WALK_STEP = 128  # requests a decision takes the relegation walk through
 
@@ -212,27 +223,26 @@ class DeadlineScheduler(Scheduler):
         queue, n, inv_rate, ahead = walk.queue, len(walk.queue), walk.inv_rate, walk.ahead
         least_important_first = [(level, ahead[level]) for level in LEAST_IMPORTANT_FIRST]
         demoted: list[Request] = []
-        plan, plan_entry = self._plan, self._plan_entry  # plan: every queued request's entry
-        shed_share = 1.0 / self.config.sheddable_margin
+        guard = self.config.relegation_period
         t = walk.t
         stop = min(walk.position + self.WALK_STEP, n)
         for i in range(walk.position, stop):
             r = queue[i]
-            status = r.status
-            if status in QUEUED:
-                work, deadline, importance = plan[r]
-            elif status is RUNNING and not r.relegated:
-                work, deadline, importance = plan_entry(r)
-            else:  # relegated, finished or aborted since the walk began
+            entry = self._walk_entry(r, now)
+            if entry is None:  # relegated, finished or aborted since the walk began
                 continue
-            if importance is SHEDDABLE:
-                deadline = now + (deadline - now) * shed_share
+            work, deadline, importance = entry
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
                 demoted.append(r)
                 continue
             t += dt
             heapq.heappush(ahead[importance], -(work * n + i))
+            walk.kept.append(i)
+            if t + guard <= deadline:
+                continue
+            if importance is not SHEDDABLE and self._promote(walk, t, deadline, now):  # at risk, or soon
+                continue
             if t <= deadline:
                 continue
             # Make room: relegate kept requests, least important level first and the largest first
@@ -251,9 +261,67 @@ class DeadlineScheduler(Scheduler):
                     elif status not in QUEUED:
                         continue
                     demoted.append(victim_request)
+                    walk.dropped.add(victim)
                     t -= victim_work * inv_rate
         walk.t, walk.position = t, stop
         return demoted
+
+    def _walk_entry(self, request: Request, now: float) -> tuple[int, float, Importance] | None:
+        """(prefill work, deadline, importance) of a request the walk keeps, or None if it is gone (relegated,
+        finished or aborted). A sheddable request's deadline is moved in by ``sheddable_margin``."""
+        status = request.status
+        if status in QUEUED:
+            work, deadline, importance = self._plan[request]
+        elif status is RUNNING and not request.relegated:
+            work, deadline, importance = self._plan_entry(request)
+        else:
+            return None
+        if importance is SHEDDABLE:
+            deadline = now + (deadline - now) / self.config.sheddable_margin
+        return work, deadline, importance
+
+    PROMOTE_DEPTH = 8  # kept requests a request at risk may be moved ahead of
+
+    def _promote(self, walk: _Walk, t: float, deadline: float, now: float) -> bool:
+        """Hybrid order lets requests due later go first, and new arrivals keep doing so. The last request
+        kept, estimated to end at ``t``, close to or past its ``deadline``, gets its deadline as priority
+        (EDF) if it then ends in time and every request it moves ahead of (at most ``PROMOTE_DEPTH``)
+        still ends by its own deadline: nobody is relegated, and new arrivals, due later, cannot go
+        first any more. Returns whether it was promoted."""
+        queue, kept, dropped = walk.queue, walk.kept, walk.dropped
+        position = kept[-1]
+        request = queue[position]
+        if deadline >= self._key(request):  # promoted already, or EDF order
+            return False
+        passed = []  # kept requests it moves ahead of: kept is in priority order, so the last ones
+        ahead = 0
+        first = max(len(kept) - 1 - 4 * self.PROMOTE_DEPTH, 0)  # scan at most this far back
+        boundary = -1  # index in kept after which the request goes
+        for j in range(len(kept) - 2, first - 1, -1):
+            other = kept[j]
+            entry = None if other in dropped else self._walk_entry(queue[other], now)
+            if entry is None:
+                continue
+            if self._key(queue[other]) <= deadline:
+                boundary = j
+                break
+            if entry[1] < t or len(passed) == self.PROMOTE_DEPTH:
+                return False
+            passed.append(other)
+            ahead += entry[0]
+        else:
+            if first > 0:  # scanned as far as allowed without finding where it goes
+                return False
+        if t - ahead * walk.inv_rate > deadline:
+            return False
+        self._keys[request] = deadline
+        if request.status in QUEUED:
+            self._dequeue(self.waiting, request)
+            insort(self.waiting, (deadline, next(self._seq), request))
+        del kept[boundary + 1:]
+        kept.append(position)
+        kept.extend(reversed(passed))
+        return True
 
     def relegated_order(self, requests: Iterator[Request], now: float) -> Iterator[Request]:
         """Those that can still meet their deadline first: leftover budget spent on a request that is
