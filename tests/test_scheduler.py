@@ -200,6 +200,18 @@ def test_promotion_keeps_a_request_at_risk_ahead_of_later_arrivals(build):
     assert prefill_ids(hybrid.schedule(0.02))[0] == "short"
 
 
+def test_a_request_at_risk_may_overtake_sheddable_work_into_its_margin(build):
+    # shed (0.3 s, due at 2 s) is kept: it ends at 0.3 s, inside its margin (half the time left: 1 s).
+    # big (1 s, due at 1.5 s) ends at 1.3 s, within one walk period of its deadline: promoted, it ends at
+    # 1.0 s and shed at 1.3 s, past its margin but before its deadline. The margin is kept for such work.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), chunk_candidates=(100,))
+    rate = s.prefill_rate
+    s.add(make_request(int(rate * 0.3), arrival=-4.0, importance="sheddable", rid="shed"))
+    s.add(make_request(int(rate), arrival=-4.5, importance="standard", rid="big"))
+    assert [r.request_id for _, _, r in s.waiting] == ["shed", "big"]
+    assert prefill_ids(s.schedule(0.0)) == ["big"]
+
+
 @pytest.mark.parametrize(("margin", "relegated"), [(2.0, {"shed"}), (1.0, set())])
 def test_sheddable_requests_must_fit_with_a_margin(build, margin, relegated):
     # Two prompts of one second each, both due in 3 s: both fit, but the sheddable one finishes after

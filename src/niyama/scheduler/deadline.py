@@ -43,7 +43,8 @@ class _Walk:
     inv_rate: float  # s per prefill token, fixed for the walk
     t: float  # when the prefill of the last kept request is estimated to end
     position: int = 0  # requests visited so far
-    kept: list[int] = field(default_factory=list)  # positions of the kept requests, in the order they are served
+    kept: list[int] = field(default_factory=list)  # positions of the kept requests, in serving order
+    ends: dict[int, float] = field(default_factory=dict)  # by position, the latest a kept request's prefill ends
     dropped: set[int] = field(default_factory=set)  # positions relegated as victims during the walk
     # Per importance level, the kept requests as max-heaps by prefill work, later position first on
     # ties. An entry is one int, -(work × len(queue) + position): ints compare much faster than tuples.
@@ -224,14 +225,17 @@ class DeadlineScheduler(Scheduler):
         least_important_first = [(level, ahead[level]) for level in LEAST_IMPORTANT_FIRST]
         demoted: list[Request] = []
         guard = self.config.relegation_period
+        shed_share = 1.0 / self.config.sheddable_margin
         t = walk.t
         stop = min(walk.position + self.WALK_STEP, n)
         for i in range(walk.position, stop):
             r = queue[i]
-            entry = self._walk_entry(r, now)
+            entry = self._walk_entry(r)
             if entry is None:  # relegated, finished or aborted since the walk began
                 continue
             work, deadline, importance = entry
+            if importance is SHEDDABLE:
+                deadline = now + (deadline - now) * shed_share
             dt = work * inv_rate
             if now + dt > deadline:  # cannot make it even alone
                 demoted.append(r)
@@ -239,9 +243,10 @@ class DeadlineScheduler(Scheduler):
             t += dt
             heapq.heappush(ahead[importance], -(work * n + i))
             walk.kept.append(i)
+            walk.ends[i] = t
             if t + guard <= deadline:
                 continue
-            if importance is not SHEDDABLE and self._promote(walk, t, deadline, now):  # at risk, or soon
+            if importance is not SHEDDABLE and self._promote(walk, t, deadline, dt):  # at risk, or soon
                 continue
             if t <= deadline:
                 continue
@@ -266,28 +271,24 @@ class DeadlineScheduler(Scheduler):
         walk.t, walk.position = t, stop
         return demoted
 
-    def _walk_entry(self, request: Request, now: float) -> tuple[int, float, Importance] | None:
-        """(prefill work, deadline, importance) of a request the walk keeps, or None if it is gone (relegated,
-        finished or aborted). A sheddable request's deadline is moved in by ``sheddable_margin``."""
-        status = request.status
-        if status in QUEUED:
-            work, deadline, importance = self._plan[request]
-        elif status is RUNNING and not request.relegated:
-            work, deadline, importance = self._plan_entry(request)
-        else:
-            return None
-        if importance is SHEDDABLE:
-            deadline = now + (deadline - now) / self.config.sheddable_margin
-        return work, deadline, importance
+    def _walk_entry(self, request: Request) -> tuple[int, float, Importance] | None:
+        """(prefill work, prefill deadline, importance) of a request the walk keeps, or None if it is gone
+        (relegated, finished or aborted)."""
+        if request.status in QUEUED:
+            return self._plan[request]
+        if request.status is RUNNING and not request.relegated:
+            return self._plan_entry(request)
+        return None
 
     PROMOTE_DEPTH = 8  # kept requests a request at risk may be moved ahead of
 
-    def _promote(self, walk: _Walk, t: float, deadline: float, now: float) -> bool:
+    def _promote(self, walk: _Walk, t: float, deadline: float, dt: float) -> bool:
         """Hybrid order lets requests due later go first, and new arrivals keep doing so. The last request
-        kept, estimated to end at ``t``, close to or past its ``deadline``, gets its deadline as priority
-        (EDF) if it then ends in time and every request it moves ahead of (at most ``PROMOTE_DEPTH``)
-        still ends by its own deadline: nobody is relegated, and new arrivals, due later, cannot go
-        first any more. Returns whether it was promoted."""
+        kept (``dt`` s of prefill, estimated to end at ``t``, close to or past its ``deadline``) gets its
+        deadline as priority (EDF) if it then ends in time and every request it moves ahead of (at most
+        ``PROMOTE_DEPTH``), ``dt`` later than before, still ends by its own deadline (a sheddable one's
+        margin is for work like this): nobody is relegated, and new arrivals, due later, cannot go first
+        any more. Returns whether it was promoted."""
         queue, kept, dropped = walk.queue, walk.kept, walk.dropped
         position = kept[-1]
         request = queue[position]
@@ -299,13 +300,13 @@ class DeadlineScheduler(Scheduler):
         boundary = -1  # index in kept after which the request goes
         for j in range(len(kept) - 2, first - 1, -1):
             other = kept[j]
-            entry = None if other in dropped else self._walk_entry(queue[other], now)
+            entry = None if other in dropped else self._walk_entry(queue[other])
             if entry is None:
                 continue
             if self._key(queue[other]) <= deadline:
                 boundary = j
                 break
-            if entry[1] < t or len(passed) == self.PROMOTE_DEPTH:
+            if walk.ends[other] + dt > entry[1] or len(passed) == self.PROMOTE_DEPTH:
                 return False
             passed.append(other)
             ahead += entry[0]
@@ -321,6 +322,9 @@ class DeadlineScheduler(Scheduler):
         del kept[boundary + 1:]
         kept.append(position)
         kept.extend(reversed(passed))
+        walk.ends[position] = t - ahead * walk.inv_rate
+        for other in passed:
+            walk.ends[other] += dt
         return True
 
     def relegated_order(self, requests: Iterator[Request], now: float) -> Iterator[Request]:
