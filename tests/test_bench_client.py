@@ -183,6 +183,8 @@ def test_a_server_that_never_lists_its_models_is_given_up_on(monkeypatch):
     ({"model": "other"}, ServerError, "does not serve model 'other' \\(it lists fake\\)"),
     ({"qos_mode": "service-tier", "service_tiers": {"chatt": "priority"}}, ValueError,
      "--service-tiers names unknown class\\(es\\) chatt"),
+    ({"qos_mode": "service-tier", "service_tiers": {"chat": "fast"}}, ValueError,
+     "--service-tiers: fast is not a service tier \\(OpenAI's: auto, default, flex, scale, priority\\)"),
     ({"qos_mode": "priority", "priorities": {"chat": 0, "batch": 1, "bulk": 2}}, ValueError,
      "--priorities names unknown class\\(es\\) bulk"),
 ])

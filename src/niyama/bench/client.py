@@ -97,6 +97,9 @@ def _priorities(classes: QoSClasses, given: Mapping[str, int] | None = None) -> 
     return {name: i for i, name in enumerate(order)} | dict(given or {})
 
 
+OPENAI_SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+
+
 def _service_tiers(classes: QoSClasses, given: Mapping[str, str] | None = None) -> dict[str, str]:
     """OpenAI service tier per class: ``given``, else ``priority`` for interactive classes, ``flex`` for batch
     ones."""
@@ -231,6 +234,9 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
         if unknown := set(given or ()) - set(classes):
             raise ValueError(f"{option} names unknown class(es) {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(classes)})")
+    if bad := {tier for tier in (cfg.service_tiers or {}).values() if tier not in OPENAI_SERVICE_TIERS}:
+        raise ValueError(f"--service-tiers: {', '.join(sorted(bad))} is not a service tier "
+                         f"(OpenAI's: {', '.join(OPENAI_SERVICE_TIERS)})")
     if not cfg.base_url.startswith(("http://", "https://")):
         raise ValueError(f"the base URL must start with http:// or https:// (got {cfg.base_url!r})")
     base = cfg.base_url.rstrip("/")
