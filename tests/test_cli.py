@@ -90,6 +90,8 @@ def test_argument_errors_are_one_line(tmp_path):
         (["simulate", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
         (["bench", "--priorities", "interactive=abc"], "argument --priorities: interactive=abc: not an integer"),
         (["bench", "--vocab-size", "100"], "argument --vocab-size: must be an integer >= 101"),
+        (["serve", "--kv-cache-memory", "1e-12"], "argument --kv-cache-memory: must be at least one byte"),
+        (["generate", "--kv-cache-memory", "0"], "argument --kv-cache-memory: must be positive"),
     ],
 )
 def test_values_no_run_can_use_are_refused_before_it_starts(args, message):

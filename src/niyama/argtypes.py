@@ -30,6 +30,14 @@ def positive(text: str) -> float:
     return value
 
 
+def gib_bytes(text: str) -> int:
+    """A memory size given in GiB, as bytes (at least one)."""
+    size = int(positive(text) * (1 << 30))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte (9.3e-10 GiB), got {text} GiB")
+    return size
+
+
 def non_negative(text: str) -> float:
     value = _finite(text)
     if value < 0:

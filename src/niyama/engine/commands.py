@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from niyama.argtypes import at_least, non_negative, output_file, positive, positive_int
+from niyama.argtypes import at_least, gib_bytes, non_negative, output_file, positive_int
 from niyama.engine.config import EngineConfig
 from niyama.predictor import MIN_PROFILE_ROWS
 
@@ -23,7 +23,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
                    "float16 on a GPU without bfloat16)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--kv-cache-memory", type=gib_bytes, default=1 << 30, help="GiB for the paged KV cache")
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
@@ -36,7 +36,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                        kv_cache_memory=int(args.kv_cache_memory * (1 << 30)), block_size=args.block_size,
+                        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                         num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized, **extra)
 
 

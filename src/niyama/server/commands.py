@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
-from niyama.argtypes import at_least, non_empty, non_negative, output_file, port, positive, positive_int
+from niyama.argtypes import at_least, gib_bytes, non_empty, non_negative, output_file, port, positive_int
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--qos-config", default=None,
                    help="TOML of QoS classes and [service_tiers] (default: the paper's A100 classes; for "
                    "the 2-core CPU default use configs/cpu-smollm2.toml, as `make serve` does)")
-    p.add_argument("--kv-cache-memory", type=positive, default=1.0, help="GiB for the paged KV cache")
+    p.add_argument("--kv-cache-memory", type=gib_bytes, default=1 << 30, help="GiB for the paged KV cache")
     p.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS,
                    help="most requests running at once")
     p.add_argument("--max-queued-requests", type=positive_int, default=1024,
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
-    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
+    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                           num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized)
     tune_process()
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
