@@ -127,6 +127,8 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
     binary.write_bytes(b"\xff\xfe,a\n")
     infinite = tmp_path / "inf.json"
     infinite.write_text(json.dumps({"splits": [512], "bins": [[1, 0, 0, 0, 0, 0], [float("inf"), 0, 0, 0, 0, 0]]}))
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({"splits": [512], "bins": [[1e-3, 0, 0, 0, 0, 0], [0, 0, -1e-5, 0, 0, 0]]}))
     short_rows = tmp_path / "short.csv"  # a header with more columns than the rows
     short_rows.write_text("num_prefill_tokens,num_decode_tokens,arrived_at\n100,20\n200,30\n")
     typo = tmp_path / "typo.toml"  # a misspelt top-level key once went unnoticed
@@ -138,7 +140,8 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
                           (["--trace", str(unsorted)], "arrived_at goes back in time at row 2"),
                           (["--trace", str(binary)], "is not UTF-8 text"),
                           (["--profile", str(not_profile)], "is not a batch-time profile"),
-                          (["--profile", str(infinite)], "coefficients must be finite")]:
+                          (["--profile", str(infinite)], "coefficients must be finite"),
+                          (["--profile", str(zero)], "would price every batch at 0 s")]:
         p = niyama("simulate", "--rate", "1", "--duration", "5", "--output-dir", str(tmp_path), *args)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0]

@@ -59,6 +59,8 @@ class BatchTimePredictor:
         self.bins = tuple(tuple(float(c) for c in coefs) for coefs in bins)
         if not all(math.isfinite(c) for coefs in self.bins for c in coefs):
             raise ValueError("batch-time coefficients must be finite numbers")
+        if any(max(coefs) <= 0 for coefs in self.bins):  # the features are never negative
+            raise ValueError("a bin of batch-time coefficients has none above 0: it would price every batch at 0 s")
         self.splits = tuple(int(s) for s in splits)
         self._bounded = tuple(zip(self.splits, self.bins[:-1], strict=True))
         self.meta = dict(meta or {})
