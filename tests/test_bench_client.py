@@ -9,6 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -209,43 +214,102 @@ def test_default_service_tiers_follow_the_class_kind_not_its_name():
     assert _service_tiers(CLASSES) == {"chat": "priority", "batch": "flex"}
 
 
-def test_a_capacity_search_goes_on_past_a_point_where_every_request_was_refused(tmp_path):
-    """A server that sheds load (429) under a higher rate used to end the whole search with an error."""
-    import threading
-
-    from niyama.bench.commands import find_live_capacity
-    from niyama.cli import build_parser
-
-    served = 0
-
-    async def shedding(request: web.Request) -> web.StreamResponse:
-        nonlocal served
-        served += 1
-        if served > 4:  # the first point's requests; everything after is refused
-            return web.json_response({"error": {"message": "busy"}}, status=429)
-        return await _completions(request)
-
+@contextmanager
+def _serving_in_a_thread(completions) -> Iterator[str]:
+    """A fake OpenAI server on its own event loop thread, for code that runs its own loops (``run_load``)."""
     loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/completions", shedding)
+    app.router.add_post("/v1/completions", completions)
     runner, url = loop.run_until_complete(_start(app))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        qos = tmp_path / "qos.toml"
-        qos.write_text('default = "chat"\n[classes.chat]\nttft = 5.0\ntbt = 1.0\n')
-        args = build_parser().parse_args([
-            "bench", "capacity", "--base-url", url, "--trace", "synthetic", "--input-len", "8", "--output-len",
-            str(GOOD), "--duration", "2", "--qos-config", str(qos), "--no-progress", "--start", "2",
-            "--tolerance", "0.5"])
-        result, runs = find_live_capacity(args, QoSClasses.load(qos), tmp_path / "cap", "cap")
+        yield url
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+
+
+def _capacity_args(url: str, qos: Path, *extra: str):
+    from niyama.cli import build_parser
+
+    qos.write_text('default = "chat"\n[classes.chat]\nttft = 5.0\ntbt = 1.0\n')
+    return build_parser().parse_args([
+        "bench", "capacity", "--base-url", url, "--trace", "synthetic", "--input-len", "8", "--output-len",
+        str(GOOD), "--duration", "2", "--qos-config", str(qos), "--no-progress", *extra])
+
+
+def _refusing_after(served_ok: int):
+    """A completions handler that serves ``served_ok`` requests, then refuses every one with 429."""
+    served = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        if served > served_ok:
+            return web.json_response({"error": {"message": "busy"}}, status=429)
+        return await _completions(request)
+
+    return handler
+
+
+def test_a_capacity_search_goes_on_past_a_point_where_every_request_was_refused(tmp_path):
+    """A server that sheds load (429) under a higher rate used to end the whole search with an error."""
+    from niyama.bench.commands import find_live_capacity
+
+    with _serving_in_a_thread(_refusing_after(4)) as url:  # the first point's requests pass
+        args = _capacity_args(url, tmp_path / "qos.toml", "--start", "2", "--tolerance", "0.5")
+        result, runs = find_live_capacity(args, QoSClasses.load(tmp_path / "qos.toml"), tmp_path / "cap", "cap")
     assert runs[0]["worst_violation_pct"] == 0.0 and len(runs) >= 2
     assert all(r["worst_violation_pct"] >= 10.0 for r in runs[1:]) and 2.0 <= result.capacity < 3.0
+
+
+def test_capacity_searches_in_threads_take_turns_point_by_point(tmp_path):
+    """`make eval-live` runs its schedulers' searches at once, each against its own server, so that the
+    machine's drift falls on each alike: their points must alternate in time, and a search that ends must
+    not hold the other up."""
+    from niyama.bench.commands import find_live_capacity
+    from niyama.bench.turns import Turns
+
+    turns = Turns(["coarse", "fine"])
+    running: set[str] = set()
+    overlaps: list[set[str]] = []
+
+    @contextmanager
+    def point(label: str) -> Iterator[None]:
+        with turns.turn(label):
+            overlaps.append(set(running))  # points already running as this one starts: none
+            running.add(label)
+            try:
+                yield
+            finally:
+                running.discard(label)
+
+    def search(label: str, tolerance: str) -> list[dict]:
+        with _serving_in_a_thread(_refusing_after(4)) as url:  # each: 2 req/s passes, higher rates fail
+            args = _capacity_args(url, tmp_path / f"{label}.toml", "--start", "2", "--tolerance", tolerance)
+            try:
+                return find_live_capacity(args, QoSClasses.load(tmp_path / f"{label}.toml"), tmp_path, label,
+                                          lambda: point(label))[1]
+            finally:
+                turns.leave(label)
+
+    with ThreadPoolExecutor(2) as pool:
+        coarse, fine = pool.map(search, ["coarse", "fine"], ["0.5", "0.1"])
+    started = sorted([(r["started"], "coarse") for r in coarse] + [(r["started"], "fine") for r in fine])
+    assert len(fine) > len(coarse) >= 2 and not any(overlaps)
+    assert [label for _, label in started] == ["coarse", "fine"] * len(coarse) + ["fine"] * (len(fine) - len(coarse))
+
+
+def test_turns_refuse_a_name_that_takes_no_turns():
+    from niyama.bench.turns import Turns
+
+    turns = Turns(["a"])
+    turns.leave("a")
+    with pytest.raises(ValueError, match="'a' takes no turns here"), turns.turn("a"):
+        pass
 
 
 def test_duration_without_a_rate_replays_that_window_of_the_trace():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -193,8 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {stem}.jsonl, {stem}.json, {stem}.png")
 
 
-def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: Path, label: str):
-    """The capacity search against the server at ``args.base_url``; each point's files go to ``out_dir``."""
+def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: Path, label: str,
+                       turn: Callable[[], AbstractContextManager[object]] = nullcontext):
+    """The capacity search against the server at ``args.base_url``; each point's files go to ``out_dir``.
+    Each point runs inside ``turn()``: searches in threads can take turns point by point with it."""
     from niyama.sim.capacity import find_capacity
     from niyama.sim.report import max_class_violation
 
@@ -208,7 +213,9 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
 
     def evaluate(rate: float) -> float:
         specs = build_workload(workload(args, classes, rate))
-        run = run_load(specs, classes, bench)
+        with turn():
+            started = time.time()
+            run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
         summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s", dict(args.goodput or ()))
         if all(_all_failed(r["summary"]) for r in runs):  # once the server has served, failures under
@@ -216,7 +223,8 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.
         early = run.stop_reason == "violations"
         worst = args.stop_at if early else max_class_violation(summary)
-        runs.append({"rate": rate, "worst_violation_pct": worst, "stopped_early": early, "summary": summary})
+        runs.append({"rate": rate, "worst_violation_pct": worst, "stopped_early": early, "started": started,
+                     "summary": summary})
         print(f"{label}: {rate:.4g} req/s → worst class {'≥ ' if early else ''}{worst:.1f}% violations", flush=True)
         return worst
 
