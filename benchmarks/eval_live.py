@@ -33,7 +33,7 @@ import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -172,11 +172,11 @@ def warm_up(url: str, qos_mode: str, args, classes) -> None:
 
 
 def search(name: str, url: str, qos_mode: str, start: float, args, classes, out: Path,
-           turn: Callable[[], AbstractContextManager[object]] | None = None) -> dict[str, Any]:
+           turn: Callable[[], AbstractContextManager[object]] = nullcontext) -> dict[str, Any]:
     """The live capacity search; ``turn``: see `find_live_capacity`."""
     cap_args = bench_args(["--base-url", url, "--qos-mode", qos_mode, "--duration", str(args.duration),
                            "--tolerance", str(args.tolerance), "--start", f"{max(start, MIN_START):.4f}"])
-    result, runs = find_live_capacity(cap_args, classes, out / name, name, *([turn] if turn else []))
+    result, runs = find_live_capacity(cap_args, classes, out / name, name, turn)
     return {"capacity": result.capacity, "points": runs}
 
 
@@ -218,8 +218,8 @@ def measure_ours(niyama: str, profile: Path, starts: dict[str, float], args, cla
         with ThreadPoolExecutor(len(SCHEDULERS)) as pool:
             live = dict(zip(SCHEDULERS, pool.map(one, SCHEDULERS), strict=True))
         rate = OVERLOAD * live["niyama"]["capacity"]
-        for name, url in urls.items():
-            if rate > 0:
+        if rate > 0:  # else no capacity to overload
+            for name, url in urls.items():
                 live[name]["overload"] = overload(name, url, rate, args, classes, work)
                 wait_idle(url)
     return live
