@@ -493,8 +493,11 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
                  f"{check(calibrated <= 0.2)}. From the profile as measured with the engine alone: off by "
                  f"{error(predicted['measured']):.0%}. From the profile refitted after the fact to the search's own "
                  f"iterations: off by {logged:.0%} (an explanation, not a prediction).")
-    lines.append(f"- Each capacity rests on single {args.duration:.0f} s points (a few dozen requests per class, so "
-                 "the 1% rule means no late request at all), and points at the same rate can differ by several "
+    per_class = [c * args.duration / len(classes) for c in cap.values() if c]
+    fewest, most = (min(per_class), max(per_class)) if per_class else (0.0, 0.0)
+    lines.append(f"- Each capacity rests on single {args.duration:.0f} s points: at these capacities a point holds "
+                 f"{fewest:.0f}–{most:.0f} requests per class, so the 1% rule allows {int(fewest / 100)}–"
+                 f"{int(most / 100)} late ones in a class, and points at the same rate can differ by several "
                  "percent of violations: read ratios with the caveats in "
                  "[benchmarks.md](benchmarks.md#live-evaluation-our-engine-vs-vllm-cpu-issue-5).")
     lines += ["", f"## Overload: {OVERLOAD}× Niyama's capacity", "",
