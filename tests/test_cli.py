@@ -199,12 +199,24 @@ def test_iteration_log_from_a_bad_file_is_one_line(tmp_path):
         assert not (tmp_path / "p.json").exists()
 
 
-def test_serve_refuses_a_bad_profile_or_log_path_before_loading_the_model(tmp_path):
+def test_serve_refuses_a_bad_profile_log_path_or_device_before_loading_the_model(tmp_path):
     for args, message in [(["--profile", str(tmp_path / "none.json")], "cannot read profile"),
-                          (["--iteration-log", "/nonexistent-dir/log.jsonl"], "no such directory: /nonexistent-dir")]:
+                          (["--iteration-log", "/nonexistent-dir/log.jsonl"], "no such directory: /nonexistent-dir"),
+                          (["--device", "tpu"], "unknown device 'tpu' (expected cpu, cuda or cuda:N)")]:
         p = niyama("serve", "--port", str(_free_port()), *args)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and message in lines[-1] and "loading" not in p.stderr, p.stderr
+
+
+def test_serve_takes_the_engine_options_of_profile_and_generate():
+    from niyama.cli import build_parser
+    from niyama.engine.commands import engine_config
+
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--block-size", "32", "--kv-cache-memory", "0.5",
+                                      "--threads", "1", "--no-quantized"])
+    config = engine_config(args)
+    assert (config.device, config.block_size, config.kv_cache_memory, config.num_threads, config.quantized) == \
+        ("cpu", 32, 1 << 29, 1, False)
 
 
 def test_serve_on_a_port_in_use_fails_before_loading_the_model():

