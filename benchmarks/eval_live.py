@@ -484,8 +484,8 @@ def write_report(args, live: dict[str, Any], predicted: dict[str, dict[str, Any]
                  f"1.5× FCFS would be {1.5 * cap['fcfs'] / ceiling:.0%}. A "
                  f"prefill token costs {small:.2f} ms in a 128-token iteration and {large:.2f} ms in a "
                  f"{MAX_BATCHED_TOKENS}-token one: larger chunks give {small / large:.2f}× the prefill throughput "
-                 f"here, against {gpu_gain:.2f}× with the {GPU_PROFILE} profile of the simulator's results, so "
-                 "dynamic chunking has less to gain on this machine.")
+                 f"here, against {gpu_gain:.2f}× with the {GPU_PROFILE} profile of the simulator's results"
+                 + (", so dynamic chunking has less to gain on this machine." if small / large < gpu_gain else "."))
     ratio(cap["niyama"], vllm_best, 1.3, "vLLM's better policy")
 
     def error(p: dict[str, Any]) -> float:

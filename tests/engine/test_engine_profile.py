@@ -55,3 +55,15 @@ def test_profile_times_a_small_batch_path_and_bins_it(runner32):
     predictor, _ = fit(result, {})
     assert predictor.splits == (6, 512) and len(predictor.bins) == 3
     assert predictor_splits(runner32) == (512,)
+
+
+def test_the_calibration_cache_tells_kv_block_sizes_apart(weights, runner32):
+    """A server started with --block-size 32 must not reuse a calibration measured with 16-token blocks."""
+    from niyama.engine import ModelRunner
+    from niyama.server.calibration import cache_path
+
+    config, state = weights
+    blocks32 = ModelRunner(config, state, dtype=runner32.dtype, num_blocks=64, block_size=32)
+    default, other = cache_path(runner32, "m", 512), cache_path(blocks32, "m", 512)
+    assert runner32.block_size == 16 and "-kv16-" in default.name and "-kv32-" in other.name
+    assert default.name.replace("-kv16-", "-kv32-") == other.name

@@ -21,9 +21,10 @@ QOS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu-smollm2.toml
 
 
 class Server:
-    def __init__(self, url: str, process: subprocess.Popen, iteration_log: Path | None = None):
+    def __init__(self, url: str, process: subprocess.Popen, log: Path, iteration_log: Path | None = None):
         self.url = url
         self.process = process
+        self.log = log  # its stdout and stderr
         self.iteration_log = iteration_log  # where it writes one JSON line per iteration, if anywhere
         self.model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
@@ -73,7 +74,7 @@ def serve(cache_dir: Path, *args: str, timeout: float = 600.0, iteration_log: Pa
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start")
             time.sleep(0.5)
-        yield Server(url, process, iteration_log)
+        yield Server(url, process, cache_dir / f"server-{port}.log", iteration_log)
     finally:
         process.terminate()
         try:

@@ -319,6 +319,7 @@ def test_queue_full_429_and_priority(cache_dir):
     with KV blocks of 32 tokens instead of 16.)"""
     with serve(cache_dir, "--scheduler", "priority", "--max-num-seqs", "1", "--max-queued-requests", "2",
                "--block-size", "32") as s:
+        assert "in blocks of 32 on cpu" in s.log.read_text()
         client = s.client(timeout=600)
         running = client.completions.create(model=s.model, prompt="Hello", max_tokens=4000, stream=True,
                                             extra_body={"ignore_eos": True})

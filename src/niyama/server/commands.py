@@ -92,6 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = engine_thread()
     print(f"niyama: loading {path}", file=sys.stderr)
     runner = _start_up(worker, ModelRunner.from_config, config)
+    print(f"niyama: KV cache of {runner.num_blocks * runner.block_size} tokens in blocks of {runner.block_size} "
+          f"on {runner.device}", file=sys.stderr)
     tokenizer = Tokenizer(args.model)
     if args.scheduler not in NEEDS_PREDICTOR:
         predictor = None
