@@ -32,9 +32,10 @@ def test_loading_them_leaves_subnormal_floats_alone():
 
 
 @pytest.mark.parametrize("block_size", [16, 5, 40])  # the kernel scores 16 tokens at a time
-def test_decode_attention_matches_float32_attention_over_gathered_blocks(block_size):
+@pytest.mark.parametrize("dim", [64, 128, 48])  # 48: not a multiple of 32, the path without bf16 dot products
+def test_decode_attention_matches_float32_attention_over_gathered_blocks(block_size, dim):
     torch.manual_seed(0)
-    kv_heads, group, dim, num_blocks = 3, 3, 64, 1000
+    kv_heads, group, num_blocks = 3, 3, 1000
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).bfloat16()
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).bfloat16()
     lens = [1, 15, 16, 17, 100, 333, 2]  # within, at and past block edges

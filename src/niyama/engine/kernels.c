@@ -73,18 +73,152 @@ static inline void axpy(float *acc, float p, const float *x, int dim) {
     for (int d = 0; d < dim; d++) acc[d] += p * x[d];
 }
 
-static inline void prefetch(const uint16_t *p, int64_t elements) {
-    for (int64_t offset = 0; offset < elements * 2; offset += 64) __builtin_prefetch((const char *)p + offset);
+/* The block after the one being read, read into the cache a few lines of keys and values at a time over
+ * `steps` pieces of the work on this one: a burst of prefetches would stall on the core's few outstanding
+ * misses instead of overlapping that work. */
+typedef struct { const char *keys, *values; int64_t at, end, per_step; } BlockAhead;
+
+static inline BlockAhead block_ahead(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+                                     int32_t start, int32_t len, int32_t block_size, int64_t block_stride,
+                                     int32_t steps) {
+    BlockAhead ahead = { NULL, NULL, 0, 0, 0 };
+    if (start % block_size == 0 && start + block_size < len) {
+        const int64_t next = table[start / block_size + 1] * block_stride, bytes = block_stride * 2;
+        ahead = (BlockAhead){ (const char *)(k_cache + next), (const char *)(v_cache + next), 0, bytes,
+                              (bytes / 64 + steps - 1) / steps * 64 };
+    }
+    return ahead;
 }
+
+static inline void block_ahead_step(BlockAhead *ahead) {
+    for (const int64_t until = ahead->at + ahead->per_step; ahead->at < until && ahead->at < ahead->end; ahead->at += 64) {
+        __builtin_prefetch(ahead->keys + ahead->at);
+        __builtin_prefetch(ahead->values + ahead->at);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define ATTEND_BF16_DOTS 1
+#define BF16_LANES 32  /* bf16 values in a vector */
+
+/* Lane i of the result: the sum of v[i]'s 16 lanes. Pairs of vectors are folded into one by halving, so the
+ * 16 sums cost 15 folds instead of 16 full horizontal reductions. */
+static inline __m512 sum_lanes16(const __m512 v[16]) {
+    __m512 pairs[8], quads[4], octets[2];
+    for (int j = 0; j < 8; j++)  /* each 128-bit lane: [v2j, v2j+1, v2j, v2j+1] partial sums */
+        pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++) {  /* each 128-bit lane: [v4j .. v4j+3] partial sums */
+        const __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+        quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int j = 0; j < 2; j++)  /* 128-bit lanes: [v8j..+3, v8j..+3, v8j+4..+7, v8j+4..+7] partial sums */
+        octets[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(octets[0], octets[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(octets[0], octets[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* attend() for head dims that are a multiple of 32, with AVX512-BF16 dot products (float32 sums; each
+ * product of two bf16 values is exact in float32). Scores: q . k, SPAN tokens' sums across lanes at once.
+ * Values: two tokens' values interleaved, weighted by their two softmax weights rounded to bf16 (as torch's
+ * CPU flash attention rounds them), in one instruction; the interleaving leaves each 32-value vector's
+ * sums as two vectors of dims 8l..8l+3 and 8l+4..8l+7 for each 128-bit lane l, put back in order at the end. */
+static inline __attribute__((always_inline)) void attend_bf16_dots(
+        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int32_t len,
+        int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, int64_t token_stride, float scale,
+        uint16_t *out) {
+    const int32_t rows = kv_heads * group, vectors = dim / BF16_LANES, sums_per_row = 2 * vectors;
+    const int64_t block_stride = block_size * token_stride;
+    __m512 acc[MAX_QUERY_ROWS * MAX_HEAD_DIM / 16], dots[SPAN];
+    __m512i pairs[SPAN / 2][MAX_HEAD_DIM / 16];
+    __m512bh qv[MAX_QUERY_ROWS][MAX_HEAD_DIM / BF16_LANES];
+    float maxs[MAX_QUERY_ROWS], sums[MAX_QUERY_ROWS], p[SPAN];
+    uint32_t weight_pairs[SPAN / 2];
+    for (int32_t r = 0; r < rows; r++) {
+        for (int32_t c = 0; c < vectors; c++)
+            qv[r][c] = (__m512bh)_mm512_loadu_si512(q + (int64_t)r * dim + c * BF16_LANES);
+        for (int32_t c = 0; c < sums_per_row; c++) acc[r * sums_per_row + c] = _mm512_setzero_ps();
+        maxs[r] = -FLT_MAX;
+        sums[r] = 0.0f;
+    }
+    for (int32_t start = 0; start < len; start += SPAN) {  /* SPAN tokens at a time, within one block */
+        const int32_t in_block = start % block_size, n = len - start < SPAN ? len - start : SPAN;
+        const int64_t block = table[start / block_size] * block_stride;
+        const int32_t span = n < block_size - in_block ? n : block_size - in_block, num_pairs = (span + 1) / 2;
+        const __mmask16 live = (__mmask16)((1u << span) - 1u);
+        BlockAhead ahead = block_ahead(k_cache, v_cache, table, start, len, block_size, block_stride, rows * SPAN);
+        const uint16_t *keys = k_cache + block + in_block * token_stride;
+        const uint16_t *values = v_cache + block + in_block * token_stride;
+        for (int32_t h = 0; h < kv_heads; h++) {
+            for (int32_t j = 0; j < num_pairs; j++)
+                for (int32_t c = 0; c < vectors; c++) {
+                    const uint16_t *first = values + 2 * j * token_stride + h * dim + c * BF16_LANES;
+                    const __m512i a = _mm512_loadu_si512(first);
+                    const __m512i b = 2 * j + 1 < span ? _mm512_loadu_si512(first + token_stride) : _mm512_setzero_si512();
+                    pairs[j][2 * c] = _mm512_unpacklo_epi16(a, b);
+                    pairs[j][2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+                }
+            for (int32_t r = h * group; r < (h + 1) * group; r++) {
+                for (int32_t i = 0; i < SPAN; i++) {
+                    block_ahead_step(&ahead);
+                    __m512 d = _mm512_setzero_ps();
+                    if (i < span)
+                        for (int32_t c = 0; c < vectors; c++)
+                            d = _mm512_dpbf16_ps(d, qv[r][c],
+                                (__m512bh)_mm512_loadu_si512(keys + i * token_stride + h * dim + c * BF16_LANES));
+                    dots[i] = d;
+                }
+                const __m512 scores = _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale));
+                const float m = fmaxf(maxs[r], _mm512_mask_reduce_max_ps(live, scores));
+                _mm512_storeu_ps(p, _mm512_sub_ps(scores, _mm512_set1_ps(m)));
+                #pragma omp simd
+                for (int32_t i = 0; i < SPAN; i++) p[i] = expf(p[i]);
+                const __m256bh weights = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, p));
+                _mm256_storeu_si256((__m256i *)weight_pairs, (__m256i)weights);
+                const float rescale = expf(maxs[r] - m);
+                maxs[r] = m;
+                sums[r] = sums[r] * rescale + _mm512_reduce_add_ps(_mm512_cvtpbh_ps(weights));
+                for (int32_t c = 0; c < sums_per_row; c++) {
+                    __m512 a = _mm512_mul_ps(acc[r * sums_per_row + c], _mm512_set1_ps(rescale));
+                    for (int32_t j = 0; j < num_pairs; j++)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_set1_epi32((int)weight_pairs[j]), (__m512bh)pairs[j][c]);
+                    acc[r * sums_per_row + c] = a;
+                }
+            }
+        }
+        start += span - SPAN;  /* a span cut short by the block's end resumes at the next block */
+    }
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t c = 0; c < sums_per_row; c++) {
+            float sum[16];
+            _mm512_storeu_ps(sum, acc[r * sums_per_row + c]);
+            for (int32_t lane = 0; lane < 16; lane++)  /* dim: 32 per vector pair, 8 per 128-bit lane */
+                out[(int64_t)r * dim + (c / 2) * BF16_LANES + (lane / 4) * 8 + (c % 2) * 4 + lane % 4] =
+                    float_to_bf16(sum[lane] / sums[r]);
+        }
+}
+#endif
 
 /* One sequence: its kv_heads * group query rows attend to its `len` cached tokens, in one pass with an
  * online softmax (a running maximum rescales what was summed before). Each token's keys, then values, of
- * the kv_heads heads are one contiguous row, read once; the next block is prefetched while this one is used.
+ * the kv_heads heads are one contiguous row, read once; the next block is read ahead while this one is used.
  * token_stride: elements from one token to the next in the cache (kv_heads * dim unless the caller attends
  * to some of a token's heads, the caches pointing at the first). */
 static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
                    int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size,
                    int64_t token_stride, float scale, uint16_t *out) {
+#ifdef ATTEND_BF16_DOTS
+    if (dim % BF16_LANES == 0) {
+        /* Common head dims as constants, so that the compiler unrolls their loops. */
+        if (dim == 64)
+            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, 64, block_size, token_stride, scale, out);
+        else if (dim == 128)
+            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, 128, block_size, token_stride, scale, out);
+        else
+            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, dim, block_size, token_stride, scale, out);
+        return;
+    }
+#endif
     const int32_t rows = kv_heads * group;
     const int64_t block_stride = block_size * token_stride;
     float qf[MAX_QUERY_ROWS * MAX_HEAD_DIM], acc[MAX_QUERY_ROWS * MAX_HEAD_DIM], row[MAX_HEAD_DIM];
@@ -102,17 +236,16 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
         const int32_t in_block = start % block_size, n = len - start < SPAN ? len - start : SPAN;
         const int64_t block = table[start / block_size] * block_stride;
         const int32_t span = n < block_size - in_block ? n : block_size - in_block;
-        if (in_block == 0 && start + block_size < len) {
-            const int64_t next = table[start / block_size + 1] * block_stride;
-            prefetch(k_cache + next, block_stride);
-            prefetch(v_cache + next, block_stride);
-        }
+        BlockAhead ahead = block_ahead(k_cache, v_cache, table, start, len, block_size, block_stride, span * rows);
         const uint16_t *keys = k_cache + block + in_block * token_stride;
         const uint16_t *values = v_cache + block + in_block * token_stride;
         for (int32_t i = 0; i < span; i++)
             for (int32_t h = 0; h < kv_heads; h++) {
                 load_row(row, keys + i * token_stride + h * dim, dim);
-                for (int32_t r = h * group; r < (h + 1) * group; r++) p[r][i] = dot(qf + r * dim, row, dim);
+                for (int32_t r = h * group; r < (h + 1) * group; r++) {
+                    block_ahead_step(&ahead);
+                    p[r][i] = dot(qf + r * dim, row, dim);
+                }
             }
         for (int32_t r = 0; r < rows; r++) {
             float m = maxs[r], sum = 0.0f;
