@@ -83,7 +83,7 @@ static inline BlockAhead block_ahead(const uint16_t *k_cache, const uint16_t *v_
                                      int32_t steps) {
     BlockAhead ahead = { NULL, NULL, 0, 0, 0 };
     if (start % block_size == 0 && start + block_size < len) {
-        const int64_t next = table[start / block_size + 1] * block_stride, bytes = block_stride * 2;
+        const int64_t next = table[start / block_size + 1] * block_stride, bytes = block_stride * (int64_t)sizeof(uint16_t);
         ahead = (BlockAhead){ (const char *)(k_cache + next), (const char *)(v_cache + next), 0, bytes,
                               (bytes / 64 + steps - 1) / steps * 64 };
     }
@@ -91,7 +91,8 @@ static inline BlockAhead block_ahead(const uint16_t *k_cache, const uint16_t *v_
 }
 
 static inline void block_ahead_step(BlockAhead *ahead) {
-    for (const int64_t until = ahead->at + ahead->per_step; ahead->at < until && ahead->at < ahead->end; ahead->at += 64) {
+    const int64_t until = ahead->at + ahead->per_step < ahead->end ? ahead->at + ahead->per_step : ahead->end;
+    for (; ahead->at < until; ahead->at += 64) {
         __builtin_prefetch(ahead->keys + ahead->at);
         __builtin_prefetch(ahead->values + ahead->at);
     }
@@ -100,6 +101,7 @@ static inline void block_ahead_step(BlockAhead *ahead) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define ATTEND_BF16_DOTS 1
 #define BF16_LANES 32  /* bf16 values in a vector */
+_Static_assert(SPAN == 16, "sum_lanes16 and the 16-bit live mask score 16 tokens at a time");
 
 /* Lane i of the result: the sum of v[i]'s 16 lanes. Pairs of vectors are folded into one by halving, so the
  * 16 sums cost 15 folds instead of 16 full horizontal reductions. */
@@ -123,7 +125,7 @@ static inline __m512 sum_lanes16(const __m512 v[16]) {
  * Values: two tokens' values interleaved, weighted by their two softmax weights rounded to bf16 (as torch's
  * CPU flash attention rounds them), in one instruction; the interleaving leaves each 32-value vector's
  * sums as two vectors of dims 8l..8l+3 and 8l+4..8l+7 for each 128-bit lane l, put back in order at the end. */
-static inline __attribute__((always_inline)) void attend_bf16_dots(
+static void attend_bf16_dots(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int32_t len,
         int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size, int64_t token_stride, float scale,
         uint16_t *out) {
@@ -209,13 +211,7 @@ static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v
                    int64_t token_stride, float scale, uint16_t *out) {
 #ifdef ATTEND_BF16_DOTS
     if (dim % BF16_LANES == 0) {
-        /* Common head dims as constants, so that the compiler unrolls their loops. */
-        if (dim == 64)
-            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, 64, block_size, token_stride, scale, out);
-        else if (dim == 128)
-            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, 128, block_size, token_stride, scale, out);
-        else
-            attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, dim, block_size, token_stride, scale, out);
+        attend_bf16_dots(q, k_cache, v_cache, table, len, kv_heads, group, dim, block_size, token_stride, scale, out);
         return;
     }
 #endif
