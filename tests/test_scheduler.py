@@ -81,6 +81,17 @@ def test_dynamic_chunk_is_largest_candidate_within_slack(build, slack, expected)
     assert s.token_budget([r], now) == expected
 
 
+def test_batch_decode_limits_the_chunk_only_when_its_expected_tokens_barely_fit(build):
+    # Batch work has no pace: its slack is the time left less its expected remaining tokens (the class's
+    # mean length; the prior of 128 before any history) at the running iteration time.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
+    r = _decoding(s, "b", arrival=0.0, now=0.0, qos=BATCH)
+    rest = (128 - r.num_output_tokens - 1) * s.iteration_time
+    assert s.token_budget([r], 1.0) == 2552  # 599 s left, ~4.5 s of expected decoding: no limit
+    assert s.token_budget([r], r.deadline - rest - 0.05) == 256  # 0.05 s to spare, as for a chat token
+    assert s.token_budget([r], r.deadline + 1.0) == 2552  # late already: smaller chunks cannot save it
+
+
 def test_rescaled_predictor_shrinks_the_chunk_and_the_prefill_rate(build):
     # Slack 0.2 s fits 1536 tokens at (0.01 + 1e-4/token) × 1.2 safety; twice as slow, ≤ 733 fit → 512.
     profile = linear_predictor(0.01, 1e-4)

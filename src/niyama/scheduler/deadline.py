@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -140,10 +141,18 @@ class DeadlineScheduler(Scheduler):
 
     # -- dynamic chunking ----------------------------------------------------------------------
     def decode_slack(self, request: Request, now: float) -> float:
-        """Time until the next token is due; for batch work, the per-token share of the time left."""
+        """Interactive: time until the next token is due. Batch work has no pace, only its TTLT: the time
+        this iteration may take while the tokens it is expected to have left (its class's mean length, not
+        the over-estimate that plans its prefill) still fit at the running iteration time. A batch request
+        past its deadline no longer limits anyone: smaller chunks cannot save it."""
         if request.qos.interactive:
             return request.next_token_deadline - now
-        return (request.deadline - now) / self.decode_estimate(request)
+        left = request.deadline - now
+        if left <= 0:
+            return math.inf
+        expected = self.decode_lengths.mean(request.qos.name) - request.num_output_tokens
+        rest = min(expected, request.decode_remaining_max) - 1  # tokens after this iteration's
+        return left - max(rest, 0.0) * self.iteration_time
 
     def token_budget(self, decodes: list[Request], now: float) -> int:
         self._budget = self._token_budget(decodes, now)

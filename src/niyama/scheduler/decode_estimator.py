@@ -1,6 +1,7 @@
 """Per-class decode-length estimate from history (output length is unknown when a request arrives).
 
 Like the paper, it over-estimates on purpose: mean + k standard deviations of the lengths seen so far.
+The plain mean is there too, for what needs an expectation rather than a bound (a batch decode's slack).
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ class DecodeLengthEstimator:
 
     def estimate(self, qos_class: str) -> float:
         return self._cache.get(qos_class, self.prior)
+
+    def mean(self, qos_class: str) -> float:
+        """The mean length seen so far (the prior until ``min_samples``): an expectation, not a bound."""
+        s = self._stats.get(qos_class)
+        return s.mean if s is not None and s.n >= self.min_samples else self.prior
