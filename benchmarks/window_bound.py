@@ -7,6 +7,10 @@ due by ``d`` (all of it for batch work; the prompt and the tokens due by then fo
 n-th token is due at arrival + TTFT + (n - 1) × TBT) done by ``d``, and not before it arrives. So for every
 window [a, d], the work due by d of requests arriving at or after a must fit in d - a; dropping the largest
 first is the fewest drops that make one window fit, and the most over all windows bounds any schedule.
+Beside the bound, a schedule on the same machine that knows every request's length (clairvoyant): preemptive
+EDF, and at each arrival the largest requests ahead of any that would end late are dropped until none does
+(Moore-Hodgson), an interactive request due whole at its first token's deadline plus its own decode work
+(stricter than its pace). The relaxed optimum lies between the two numbers.
 With ``--run``, a bench run's per-request JSONL: the share of the work its missed requests held, priced the
 same way, and how many requests the same work costs when the largest go first.
 
@@ -40,6 +44,25 @@ def token_prices(profile: BatchTimePredictor, scale: float) -> tuple[float, floa
             fixed = c[0] / min(upper, MAX_BATCHED_TOKENS)
             prices.append((c[1] + c[2] + fixed, c[1] + c[3] + fixed, c[4]))
     return tuple(scale * min(p[i] for p in prices) for i in range(3))  # type: ignore[return-value]
+
+
+def clairvoyant_misses(arrival: np.ndarray, work: np.ndarray, due: np.ndarray) -> int:
+    """Requests a clairvoyant one-machine schedule drops: requests (sorted by arrival) with ``work`` seconds
+    each, due whole by ``due``; preemptive EDF, each arrival followed by Moore-Hodgson drops (see above)."""
+    pending_due, pending_work = np.zeros(0), np.zeros(0)  # in deadline order
+    now, drops = 0.0, 0
+    for a, w, d in zip(arrival, work, due, strict=True):
+        done = np.searchsorted(np.cumsum(pending_work), a - now, side="right")  # served in full by a
+        if done < len(pending_work):
+            pending_work[done] -= a - now - pending_work[:done].sum()
+        pending_due, pending_work, now = pending_due[done:], pending_work[done:], a
+        i = np.searchsorted(pending_due, d, side="right")
+        pending_due, pending_work = np.insert(pending_due, i, d), np.insert(pending_work, i, w)
+        while (late := np.flatnonzero(now + np.cumsum(pending_work) > pending_due)).size:
+            victim = np.argmax(pending_work[:late[0] + 1])
+            pending_due, pending_work = np.delete(pending_due, victim), np.delete(pending_work, victim)
+            drops += 1
+    return drops
 
 
 def main() -> None:
@@ -90,6 +113,11 @@ def main() -> None:
           f"{decode_price * 1e3:.3f} ms + {context_price * 1e6:.2f} µs per context token")
     window = f" (window {where[0]:.0f}–{where[1]:.0f} s)" if where else ""
     print(f"at least {best} requests ({best / n:.1%}) must miss{window}")
+    total = done[rows, steps]
+    decode_work = total - prompt * prefill_price
+    order = np.argsort(arrival, kind="stable")
+    dropped = clairvoyant_misses(arrival[order], total[order], np.where(interactive, due + decode_work, due)[order])
+    print(f"a clairvoyant schedule misses {dropped} requests ({dropped / n:.1%})")
     if args.run:
         rows = [json.loads(line) for line in Path(args.run).read_text().splitlines()]
         prompt = np.array([r["prompt_tokens"] for r in rows])
