@@ -87,8 +87,12 @@ class DeadlineScheduler(Scheduler):
     # -- ordering ------------------------------------------------------------------------------
     def decode_estimate(self, request: Request) -> float:
         """Estimated output tokens still to come (the true length is unknown)."""
-        est = self.decode_lengths.estimate(request.qos.name) - request.num_output_tokens
-        return min(max(est, 1.0), request.decode_remaining_max)
+        return self._tokens_left(request, self.decode_lengths.estimate(request.qos.name))
+
+    @staticmethod
+    def _tokens_left(request: Request, length: float) -> float:
+        """Output tokens still to come if the answer is ``length`` long: at least one, at most max_tokens allows."""
+        return min(max(length - request.num_output_tokens, 1.0), request.decode_remaining_max)
 
     def prefill_deadline(self, request: Request) -> float:
         """When prefill must be done: the TTFT deadline, or for batch work the TTLT deadline less the
@@ -150,8 +154,7 @@ class DeadlineScheduler(Scheduler):
         left = request.deadline - now
         if left <= 0:
             return math.inf
-        expected = self.decode_lengths.mean(request.qos.name) - request.num_output_tokens
-        rest = min(expected, request.decode_remaining_max) - 1  # tokens after this iteration's
+        rest = self._tokens_left(request, self.decode_lengths.mean(request.qos.name)) - 1  # after this one
         return left - max(rest, 0.0) * self.iteration_time
 
     def token_budget(self, decodes: list[Request], now: float) -> int:
