@@ -27,6 +27,11 @@
 #define MAX_QUERY_ROWS 64  /* query heads */
 #define SPAN 16  /* tokens scored at a time */
 #define AHEAD_CHECK 4096  /* bytes read ahead between checks whether attention is done */
+/* An op that both the per-op entry points and niyama_q4_decode run: one compiled copy, called with the same
+ * shapes. Inlined or specialized at each call site, its auto-vectorized loops may round differently at each
+ * (they did on an AVX2-only EPYC, where no intrinsics fix the order), and the fused decode would no longer
+ * compute the same numbers as the per-op path. */
+#define SHARED_OP static __attribute__((noipa))
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t u; float f; } v = { (uint32_t)x << 16 };
@@ -204,9 +209,8 @@ static void attend_bf16_dots(
 /* One sequence: its kv_heads * group query rows attend to its `len` cached tokens, in one pass with an
  * online softmax (a running maximum rescales what was summed before). Each token's keys, then values, of
  * the kv_heads heads are one contiguous row, read once; the next block is read ahead while this one is used.
- * token_stride: elements from one token to the next in the cache (kv_heads * dim unless the caller attends
- * to some of a token's heads, the caches pointing at the first). */
-static void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+ * token_stride: elements from one token to the next in the cache (kv_heads * dim). */
+SHARED_OP void attend(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
                    int32_t len, int32_t kv_heads, int32_t group, int32_t dim, int32_t block_size,
                    int64_t token_stride, float scale, uint16_t *out) {
 #ifdef ATTEND_BF16_DOTS
@@ -318,7 +322,7 @@ int niyama_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
 
 static inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
-static void norm_row(const float *x, int64_t cols, const uint16_t *weight, float eps, uint16_t *out) {
+SHARED_OP void norm_row(const float *x, int64_t cols, const uint16_t *weight, float eps, uint16_t *out) {
     float sum = 0.0f;
     #pragma omp simd reduction(+:sum)
     for (int64_t c = 0; c < cols; c++) sum += x[c] * x[c];
@@ -327,14 +331,14 @@ static void norm_row(const float *x, int64_t cols, const uint16_t *weight, float
     for (int64_t c = 0; c < cols; c++) out[c] = float_to_bf16(round_bf16(x[c] * rstd) * bf16_to_float(weight[c]));
 }
 
-static void add_norm_row(float *h, const uint16_t *delta, int64_t cols, const uint16_t *weight, float eps,
+SHARED_OP void add_norm_row(float *h, const uint16_t *delta, int64_t cols, const uint16_t *weight, float eps,
                          uint16_t *out) {
     #pragma omp simd
     for (int64_t c = 0; c < cols; c++) h[c] += bf16_to_float(delta[c]);
     norm_row(h, cols, weight, eps, out);
 }
 
-static void silu_mul_row(const uint16_t *gate, const uint16_t *up, int64_t cols, uint16_t *out) {
+SHARED_OP void silu_mul_row(const uint16_t *gate, const uint16_t *up, int64_t cols, uint16_t *out) {
     #pragma omp simd
     for (int64_t c = 0; c < cols; c++) {
         const float g = bf16_to_float(gate[c]);
@@ -344,7 +348,7 @@ static void silu_mul_row(const uint16_t *gate, const uint16_t *up, int64_t cols,
 
 /* Rotary embedding in place on `heads` consecutive heads of one token (rotate-half, as transformers:
  * x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16); c, s: its position's cos/sin. */
-static void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_t *c, const uint16_t *s) {
+SHARED_OP void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_t *c, const uint16_t *s) {
     const int32_t half = dim / 2;
     for (int32_t head = 0; head < heads; head++, x += dim) {
         #pragma omp simd
@@ -719,7 +723,7 @@ static inline void q4_block(const Q4Weight *w, int64_t block, const Q4Input *qx,
 /* y [rows][out] = x [rows][in] . W^T (bf16 in and out), inside a parallel region: the blocks of outputs are
  * shared among its threads; each writes the inputs as integers itself, into scratch[its thread number] (no
  * barrier). rows <= Q4_MAX_ROWS. */
-static void q4_outputs(const Q4Weight *w, const uint16_t *x, int64_t rows, uint16_t *y, Q4Input *scratch) {
+SHARED_OP void q4_outputs(const Q4Weight *w, const uint16_t *x, int64_t rows, uint16_t *y, Q4Input *scratch) {
     Q4Input *qx = scratch + omp_get_thread_num();
     q4_quantize(x, rows, w->in, qx);
     #pragma omp for schedule(static)
@@ -787,20 +791,17 @@ int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *po
                 else norm_row(h + b * hidden, hidden, layer->attn_norm, m->eps, x + b * hidden);
             }
             q4_outputs(&layer->qkv, x, rows, qkv, scratch);
+            /* A sequence's rotary embedding, KV store and attention, as niyama_rope_store_kv and
+             * niyama_decode_attention do them (attend with all its heads: the same code path, the same numbers). */
             #pragma omp for schedule(static)
-            for (int32_t item = 0; item < rows * kv_heads; item++) {  /* a sequence's KV head and its query heads */
-                const int32_t b = item / kv_heads, kv = item % kv_heads;
-                uint16_t *row = qkv + b * qkv_width, *q = row + (int64_t)kv * group * dim;
-                uint16_t *k = row + q_width + (int64_t)kv * dim, *v = k + kv_width;
-                const uint16_t *c = m->cos + positions[b] * dim, *s = m->sin + positions[b] * dim;
-                rope_heads(q, group, dim, c, s);
-                rope_heads(k, 1, dim, c, s);
-                const int64_t slot = (slot_blocks[b] * m->block_size + slot_offsets[b]) * kv_width + (int64_t)kv * dim;
-                memcpy(layer->k_cache + slot, k, sizeof(uint16_t) * dim);
-                memcpy(layer->v_cache + slot, v, sizeof(uint16_t) * dim);
-                attend(q, layer->k_cache + (int64_t)kv * dim, layer->v_cache + (int64_t)kv * dim,
-                       tables + (int64_t)b * table_width, lens[b], 1, group, dim, m->block_size, kv_width, m->scale,
-                       attn + b * q_width + (int64_t)kv * group * dim);
+            for (int32_t b = 0; b < rows; b++) {
+                uint16_t *row = qkv + b * qkv_width, *k = row + q_width, *v = k + kv_width;
+                rope_heads(row, m->heads + kv_heads, dim, m->cos + positions[b] * dim, m->sin + positions[b] * dim);
+                const int64_t slot = (slot_blocks[b] * m->block_size + slot_offsets[b]) * kv_width;
+                memcpy(layer->k_cache + slot, k, sizeof(uint16_t) * kv_width);
+                memcpy(layer->v_cache + slot, v, sizeof(uint16_t) * kv_width);
+                attend(row, layer->k_cache, layer->v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
+                       dim, m->block_size, kv_width, m->scale, attn + b * q_width);
             }
             q4_outputs(&layer->o, attn, rows, delta, scratch);
             #pragma omp for
