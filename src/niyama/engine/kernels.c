@@ -348,7 +348,7 @@ SHARED_OP void silu_mul_row(const uint16_t *gate, const uint16_t *up, int64_t co
 
 /* Rotary embedding in place on `heads` consecutive heads of one token (rotate-half, as transformers:
  * x * cos + cat(-x2, x1) * sin, each product and the sum rounded to bf16); c, s: its position's cos/sin. */
-SHARED_OP void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_t *c, const uint16_t *s) {
+static void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_t *c, const uint16_t *s) {
     const int32_t half = dim / 2;
     for (int32_t head = 0; head < heads; head++, x += dim) {
         #pragma omp simd
@@ -362,6 +362,17 @@ SHARED_OP void rope_heads(uint16_t *x, int32_t heads, int32_t dim, const uint16_
             x[d + half] = float_to_bf16(hi);
         }
     }
+}
+
+/* One token's qkv row [(q_heads + 2 * kv_heads) * dim]: rotary embedding on its query and key heads, then its
+ * keys and values stored at element `slot` of the k/v caches. c, s: its position's cos/sin. */
+SHARED_OP void rope_store_row(uint16_t *row, int32_t q_heads, int32_t kv_heads, int32_t dim, const uint16_t *c,
+                              const uint16_t *s, int64_t slot, uint16_t *k_cache, uint16_t *v_cache) {
+    const int64_t kv_width = (int64_t)kv_heads * dim;
+    rope_heads(row, q_heads + kv_heads, dim, c, s);
+    const uint16_t *k = row + (int64_t)q_heads * dim;
+    memcpy(k_cache + slot, k, sizeof(uint16_t) * kv_width);
+    memcpy(v_cache + slot, k + kv_width, sizeof(uint16_t) * kv_width);
 }
 
 /* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), x float32 [rows][cols], out bf16. */
@@ -394,16 +405,9 @@ void niyama_rope_store_kv(uint16_t *qkv, int64_t rows, int32_t q_heads, int32_t 
                           uint16_t *v_cache, int32_t block_size, int32_t threads) {
     const int64_t width = (int64_t)(q_heads + 2 * kv_heads) * dim, kv_width = (int64_t)kv_heads * dim;
     #pragma omp parallel for num_threads(threads) if(rows * width >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *row = qkv + r * width;
-        rope_heads(row, q_heads + kv_heads, dim, cos + positions[r] * dim, sin + positions[r] * dim);
-        const int64_t slot = (slot_blocks[r] * block_size + slot_offsets[r]) * kv_width;
-        const uint16_t *k = row + (int64_t)q_heads * dim, *v = k + kv_width;
-        for (int64_t i = 0; i < kv_width; i++) {
-            k_cache[slot + i] = k[i];
-            v_cache[slot + i] = v[i];
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        rope_store_row(qkv + r * width, q_heads, kv_heads, dim, cos + positions[r] * dim, sin + positions[r] * dim,
+                       (slot_blocks[r] * block_size + slot_offsets[r]) * kv_width, k_cache, v_cache);
 }
 
 /* ---- Logits. */
@@ -791,15 +795,14 @@ int niyama_q4_decode(const Q4Model *m, float *h, int32_t rows, const int64_t *po
                 else norm_row(h + b * hidden, hidden, layer->attn_norm, m->eps, x + b * hidden);
             }
             q4_outputs(&layer->qkv, x, rows, qkv, scratch);
-            /* A sequence's rotary embedding, KV store and attention, as niyama_rope_store_kv and
-             * niyama_decode_attention do them (attend with all its heads: the same code path, the same numbers). */
+            /* A sequence's rotary embedding, KV store and attention, through the ops niyama_rope_store_kv and
+             * niyama_decode_attention run (attend with all its heads: the same code path, the same numbers). */
             #pragma omp for schedule(static)
             for (int32_t b = 0; b < rows; b++) {
-                uint16_t *row = qkv + b * qkv_width, *k = row + q_width, *v = k + kv_width;
-                rope_heads(row, m->heads + kv_heads, dim, m->cos + positions[b] * dim, m->sin + positions[b] * dim);
-                const int64_t slot = (slot_blocks[b] * m->block_size + slot_offsets[b]) * kv_width;
-                memcpy(layer->k_cache + slot, k, sizeof(uint16_t) * kv_width);
-                memcpy(layer->v_cache + slot, v, sizeof(uint16_t) * kv_width);
+                uint16_t *row = qkv + b * qkv_width;
+                rope_store_row(row, m->heads, kv_heads, dim, m->cos + positions[b] * dim, m->sin + positions[b] * dim,
+                               (slot_blocks[b] * m->block_size + slot_offsets[b]) * kv_width, layer->k_cache,
+                               layer->v_cache);
                 attend(row, layer->k_cache, layer->v_cache, tables + (int64_t)b * table_width, lens[b], kv_heads, group,
                        dim, m->block_size, kv_width, m->scale, attn + b * q_width);
             }
