@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -393,3 +394,21 @@ def test_config_within_an_iteration_limit_keeps_every_chunk_under_it():
     assert config.chunk_candidates == (128, 256, 300) and config.chunk_size == 300
     assert config.low_memory_chunk == 300 and config.max_num_seqs == 8
     assert SchedulerConfig.within(2048).low_memory_chunk == 512
+
+
+@pytest.mark.parametrize("shedding", [False, True])
+def test_a_decode_that_keeps_the_chunk_small_is_relegated_once_that_costs_more_than_shedding(build, shedding):
+    # Slack 0.05 s allows 256 tokens (35.6 ms) instead of 2,552 (265.2 ms): each iteration prefills 255
+    # tokens where the budget without this decode would prefill 2,551 × 35.6 / 265.2 ≈ 342 in that time, a
+    # rent of ~87 tokens. While standard requests of 1,000 tokens and more are shed, the decode is relegated
+    # at the iteration whose rent reaches 1,000 (the 12th); otherwise it keeps its pace.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4))
+    r = _decoding(s, "d", arrival=0.0, now=0.0)
+    if shedding:
+        s.size_cap.caps[r.qos.importance] = 1000
+    rent = 0.0356 * 2551 / 0.2652 - 255
+    budgets = [s.token_budget([r], r.next_token_deadline - 0.05) for _ in range(20)]
+    paced = math.ceil(1000 / rent) - 1 if shedding else 20
+    assert budgets == [256] * paced + [2552] * (20 - paced)
+    assert r.relegated == shedding
+    assert s.schedule(1.0).decodes == [r]  # relegated or not, it gets its token every iteration

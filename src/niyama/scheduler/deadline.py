@@ -11,8 +11,10 @@
    its deadline as priority if that saves it without making anyone it overtakes late. Sheddable
    requests must fit with a margin, which keeps headroom for more important work still to come. While
    walks keep relegating at a level, the largest new requests of that level are relegated on arrival
-   (``size_cap``). Relegated requests are served only with budget nobody else can use, those that can
-   still make their deadline first.
+   (``size_cap``), and a decode whose pace keeps the chunk small is relegated once the prefill that has
+   cost reaches the size of the requests its level sheds (rent or buy; it still gets a token every
+   iteration). Relegated requests are served only with budget nobody else can use, those that can still
+   make their deadline first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 from bisect import insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 from niyama.memory import KVBlockManager
 from niyama.predictor import BatchTimePredictor
@@ -68,6 +71,8 @@ class DeadlineScheduler(Scheduler):
         self._plan: dict[Request, tuple[int, float, Importance]] = {}
         # Requests at risk that the relegation walk promoted to their deadline as priority (``_promote``).
         self._keys: dict[Request, float] = {}
+        # Prefill tokens each decode's pace has cost so far while its level was shedding (``_token_budget``).
+        self._rent: dict[Request, float] = {}
         # Estimated prefill throughput (tokens/s): a moving average over iterations that had more
         # prefill work than budget, priced by the predictor (so it stays pure and deterministic).
         self.prefill_rate = config.chunk_size / self.iteration_time
@@ -141,6 +146,7 @@ class DeadlineScheduler(Scheduler):
     def finish(self, request: Request, now: float, reason: FinishReason) -> None:
         self._plan.pop(request, None)
         self._keys.pop(request, None)
+        self._rent.pop(request, None)
         super().finish(request, now, reason)
 
     # -- dynamic chunking ----------------------------------------------------------------------
@@ -168,18 +174,39 @@ class DeadlineScheduler(Scheduler):
         candidates = cfg.chunk_candidates
         if self.kv.num_free_blocks < cfg.low_memory_free * self.kv.num_blocks:
             candidates = tuple(c for c in candidates if c <= cfg.low_memory_chunk) or candidates[:1]
-        slack = min((self.decode_slack(r, now) for r in decodes if not r.relegated), default=None)
-        if slack is None:
+        slacks = [(self.decode_slack(r, now), r) for r in decodes if not r.relegated]
+        if not slacks:
             return candidates[-1]
+        slack, pacer = min(slacks, key=itemgetter(0))
+        budget, seconds = self._fit(candidates, decodes, slack)
+        price = self.size_cap.caps[pacer.qos.importance] if self.size_cap is not None else math.inf
+        if budget == candidates[-1] or price == math.inf:
+            return budget
+        # Its level is shedding new work of ``price`` prefill tokens and more. Rent or buy: keep this decode's
+        # pace while the prefill it has cost (against the budget without it) is less than that, then relegate it.
+        other, other_seconds = self._fit(candidates, decodes, min((s for s, r in slacks if r is not pacer),
+                                                                  default=math.inf))
+        d = len(decodes)
+        rent = self._rent.get(pacer, 0.0) + seconds * (max(other - d, 0) / other_seconds) - max(budget - d, 0)
+        if rent < price:
+            self._rent[pacer] = rent
+            return budget
+        self._rent.pop(pacer, None)
+        self._relegate([pacer])
+        return self._token_budget(decodes, now)
+
+    def _fit(self, candidates: tuple[int, ...], decodes: list[Request], slack: float) -> tuple[int, float]:
+        """The largest candidate budget whose predicted time (× safety) fits in ``slack``, and that time."""
         d = len(decodes)
         decode_ctx = sum(r.num_computed_tokens for r in decodes)
-        best = candidates[0]
+        best = None
         for c in candidates:
             prefill = max(c - d, 0)
-            if self.predictor.predict(prefill, d, decode_ctx, prefill) * cfg.safety > slack:  # type: ignore[union-attr]
+            seconds = self.predictor.predict(prefill, d, decode_ctx, prefill)  # type: ignore[union-attr]
+            if best is not None and seconds * self.config.safety > slack:
                 break
-            best = c
-        return best
+            best = c, seconds
+        return best  # type: ignore[return-value]
 
     # -- eager relegation ----------------------------------------------------------------------
     RATE_SMOOTHING = 0.05  # weight of the newest iteration in the prefill-rate and iteration-time averages
