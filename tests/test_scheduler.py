@@ -396,6 +396,20 @@ def test_config_within_an_iteration_limit_keeps_every_chunk_under_it():
     assert SchedulerConfig.within(2048).low_memory_chunk == 512
 
 
+def test_a_batch_decode_past_its_class_estimate_is_paced_to_go_on_as_long_again(build):
+    # No history: mean and over-estimate are both the prior (128 tokens). At 200 tokens the request is
+    # expected to go on for 199 more while that fits before its deadline; once it cannot, only its mean counts
+    # (which it has passed: one token left), so it no longer limits the chunk.
+    s = build("niyama", predictor=linear_predictor(0.01, 1e-4), relegation=False)
+    r = _decoding(s, "b", arrival=0.0, now=0.0, qos=BATCH)
+    while r.num_output_tokens < 200:
+        s.update(s.schedule(1.0), 1.0)
+    again = 199 * s.iteration_time
+    assert s.token_budget([r], r.deadline - again - 0.05) == 256  # 0.05 s to spare, as for a chat token
+    assert s.token_budget([r], r.deadline - again - 10.0) == 2552
+    assert s.token_budget([r], r.deadline - again + 1.0) == 2552  # cannot keep that pace: not held to it
+
+
 @pytest.mark.parametrize("shedding", [False, True])
 def test_a_decode_that_keeps_the_chunk_small_is_relegated_once_that_costs_more_than_shedding(build, shedding):
     # Slack 0.05 s allows 256 tokens (35.6 ms) instead of 2,552 (265.2 ms): each iteration prefills 255

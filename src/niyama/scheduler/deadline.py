@@ -153,13 +153,19 @@ class DeadlineScheduler(Scheduler):
     def decode_slack(self, request: Request, now: float) -> float:
         """Interactive: time until the next token is due. Batch work has no pace, only its TTLT: the time
         this iteration may take while the tokens it is expected to have left (its class's mean length, not
-        the over-estimate that plans its prefill) still fit at the running iteration time. A batch request
-        past its deadline no longer limits anyone: smaller chunks cannot save it."""
+        the over-estimate that plans its prefill) still fit at the running iteration time. One that has run
+        past the over-estimate is held to the pace of going on as long again, while that pace is possible.
+        A batch request past its deadline no longer limits anyone: smaller chunks cannot save it."""
         if request.qos.interactive:
             return request.next_token_deadline - now
         left = request.deadline - now
         if left <= 0:
             return math.inf
+        n = request.num_output_tokens
+        if n > self.decode_lengths.estimate(request.qos.name):
+            longer = left - (min(n, request.decode_remaining_max) - 1) * self.iteration_time
+            if longer > 0:
+                return longer
         rest = self._tokens_left(request, self.decode_lengths.mean(request.qos.name)) - 1  # after this one
         return left - max(rest, 0.0) * self.iteration_time
 
