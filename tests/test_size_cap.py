@@ -1,7 +1,7 @@
 import math
 
 from niyama.scheduler.size_cap import SizeCap
-from tests.conftest import build_scheduler, linear_predictor, make_request
+from tests.conftest import BATCH, build_scheduler, linear_predictor, make_request
 
 
 def overloaded_cap(shed_level="standard", sheddable_per_second=0):
@@ -37,6 +37,8 @@ def test_the_largest_arrivals_carry_the_shed_work():
     assert cap.arrive(make_request(1000, arrival=10.0))
     assert not cap.arrive(make_request(999, arrival=10.0))
     assert not cap.arrive(make_request(5000, arrival=10.0, importance="critical"))
+    # A batch request is due minutes after it arrives: it waits in the queue, where the walks judge it.
+    assert not cap.arrive(make_request(5000, arrival=10.0, qos=BATCH))
 
 
 def test_a_level_is_capped_only_once_every_less_important_one_is_shed():

@@ -6,7 +6,9 @@ they arrive (interactive prompts) are never in a walk's queue, so the walk's vic
 size, while large interactive prompts are served. Shedding the same work costs fewer requests when the
 largest go. So, per level, the cap is the size above which the last ``WINDOW`` seconds of arrivals carry
 as much prefill work as relegation has been shedding of that level per second (a smoothed rate); a new
-request at or above it is relegated on arrival (it still gets leftover budget, like any relegated one).
+request at or above it, due within ``WINDOW`` (an interactive one), is relegated on arrival (it still gets
+leftover budget, like any relegated one). The dynamic chunk also prices a decode's pace against the cap
+(``DeadlineScheduler._token_budget``).
 
 The cap acts only at a level whose requests the walks keep relegating (at least ``MIN_WALK_SHARE`` of
 that level's arriving work), so importance order holds: while relegating sheddable requests is enough,
@@ -41,10 +43,12 @@ class SizeCap:
         self.caps = [math.inf] * len(Importance)  # new requests with at least this much prefill are relegated
 
     def arrive(self, request: Request) -> bool:
-        """Record a new request; True if it is to be relegated now."""
+        """Record a new request; True if it is to be relegated now. Only a request due within ``WINDOW`` of
+        its arrival can be: one due later waits in the queue, where the walks judge it with what they know
+        nearer its deadline."""
         work, level = request.prefill_remaining, request.qos.importance
         self._arrivals.append((request.arrival, work, level))
-        if work < self.caps[level]:
+        if work < self.caps[level] or request.deadline - request.arrival > self.WINDOW:
             return False
         self._shed[level] += work
         return True
