@@ -205,14 +205,15 @@ class DeadlineScheduler(Scheduler):
         """The largest candidate budget whose predicted time (× safety) fits in ``slack``, and that time."""
         d = len(decodes)
         decode_ctx = sum(r.num_computed_tokens for r in decodes)
-        best = None
+        best: tuple[int, float] | None = None  # the smallest candidate even if nothing fits
         for c in candidates:
             prefill = max(c - d, 0)
             seconds = self.predictor.predict(prefill, d, decode_ctx, prefill)  # type: ignore[union-attr]
             if best is not None and seconds * self.config.safety > slack:
                 break
             best = c, seconds
-        return best  # type: ignore[return-value]
+        assert best is not None  # SchedulerConfig has at least one candidate
+        return best
 
     # -- eager relegation ----------------------------------------------------------------------
     RATE_SMOOTHING = 0.05  # weight of the newest iteration in the prefill-rate and iteration-time averages
