@@ -141,3 +141,16 @@ def test_decode_estimate_is_mean_plus_two_sigma_after_history():
         est.observe("chat", n)
     assert est.estimate("chat") == pytest.approx(25 + 2 * np.std([10, 20, 30, 40], ddof=1))
     assert est.estimate("other") == 128
+
+
+def test_summary_counts_a_request_behind_its_pace_apart_and_in_the_either_figure():
+    def row(slo_met, tbt_met):
+        return {"class": "interactive", "importance": "standard", "slo_met": slo_met, "tbt_met": tbt_met,
+                "relegated": False, "ttft": 1.0, "tbt_mean": 0.05, "ttlt": 2.0, "prompt_tokens": 10,
+                "output_tokens": 5}
+
+    # On time; first token late; first token on time but behind the pace later; both late.
+    summary = summarize([row(True, True), row(False, True), row(True, False), row(False, False)], 10.0)
+    overall = summary["overall"]
+    assert overall["violation_pct"] == 50.0 and overall["tbt_violation_pct"] == 50.0
+    assert overall["slo_or_pace_violation_pct"] == 75.0

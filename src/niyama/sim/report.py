@@ -57,6 +57,9 @@ def _group_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "violation_pct": 100.0 * violated / n if n else 0.0,
         "tbt_violation_pct": (100.0 * sum(1 for r in interactive if not r["tbt_met"]) / len(interactive)
                               if interactive else None),
+        # The SLO (first or last token) or, for interactive requests, the token pace: what a user notices.
+        "slo_or_pace_violation_pct": (100.0 * sum(1 for r in rows if r["slo_met"] is not True or r["tbt_met"] is False)
+                                      / n if n else 0.0),
         "relegated": sum(1 for r in rows if r.get("relegated")),
     }
     for key in ("ttft", "tbt_mean", "ttlt"):
