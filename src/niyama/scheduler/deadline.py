@@ -163,7 +163,7 @@ class DeadlineScheduler(Scheduler):
             return math.inf
         n = request.num_output_tokens
         if n > self.decode_lengths.estimate(request.qos.name):
-            longer = left - (min(n, request.decode_remaining_max) - 1) * self.iteration_time
+            longer = left - (self._tokens_left(request, 2 * n) - 1) * self.iteration_time
             if longer > 0:
                 return longer
         rest = self._tokens_left(request, self.decode_lengths.mean(request.qos.name)) - 1  # after this one
