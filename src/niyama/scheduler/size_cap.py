@@ -33,6 +33,7 @@ class SizeCap:
 
     def __init__(self) -> None:
         self._arrivals: deque[tuple[float, int, Importance]] = deque()  # (arrival, prefill tokens, level)
+        self._arriving = [0] * len(Importance)  # per level, the prefill tokens of ``_arrivals``
         # Per level, prefill tokens relegated since the last update (all; not by the cap) and their smoothed
         # rates in tokens/s.
         self._shed = [0.0] * len(Importance)
@@ -48,6 +49,7 @@ class SizeCap:
         nearer its deadline."""
         work, level = request.prefill_remaining, request.qos.importance
         self._arrivals.append((request.arrival, work, level))
+        self._arriving[level] += work
         if work < self.caps[level] or request.deadline - request.arrival > self.WINDOW:
             return False
         self._shed[level] += work
@@ -68,10 +70,9 @@ class SizeCap:
         self._last_update = now
         self._shed, self._walk_shed = [0.0] * len(Importance), [0.0] * len(Importance)
         while self._arrivals and self._arrivals[0][0] < now - self.WINDOW:
-            self._arrivals.popleft()
-        arriving = [0.0] * len(Importance)  # tokens/s per level
-        for _, work, level in self._arrivals:
-            arriving[level] += work / self.WINDOW
+            _, work, level = self._arrivals.popleft()
+            self._arriving[level] -= work
+        arriving = [work / self.WINDOW for work in self._arriving]  # tokens/s per level
         excess = sum(arriving) - prefill_rate
         self.caps = [math.inf] * len(Importance)
         for level in LEAST_IMPORTANT_FIRST:
