@@ -219,6 +219,22 @@ def test_serve_takes_the_engine_options_of_profile_and_generate():
         ("cpu", 32, 1 << 29, 1, False)
 
 
+def test_serve_switches_niyamas_mechanisms_like_the_simulator():
+    from niyama.cli import build_parser
+    from niyama.scheduler import SchedulerConfig
+    from niyama.server.commands import scheduler_config
+
+    default = scheduler_config(build_parser().parse_args(["serve"]))
+    assert (default.hybrid_alpha, default.dynamic_chunking, default.relegation) == \
+        (SchedulerConfig.hybrid_alpha, True, True)
+    switched = scheduler_config(build_parser().parse_args(
+        ["serve", "--alpha", "0", "--no-dynamic-chunking", "--no-relegation", "--max-num-batched-tokens", "1024"]))
+    assert (switched.hybrid_alpha, switched.dynamic_chunking, switched.relegation) == (0.0, False, False)
+    assert switched.chunk_candidates[-1] == 1024  # the rest of serve's settings still apply
+    p = niyama("serve", "--port", str(_free_port()), "--alpha", "-1")
+    assert p.returncode == 2 and "--alpha" in p.stderr.strip().splitlines()[-1] and "loading" not in p.stderr
+
+
 def test_serve_on_a_port_in_use_fails_before_loading_the_model():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from niyama.argtypes import (
 from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
+from niyama.scheduler_flags import add_niyama_switches, niyama_switches
 from niyama.sim.workload import TRACE_FILES
 
 
@@ -40,9 +41,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qos-config", default=None, help="QoS class file (TOML); default: the paper's classes")
     p.add_argument("--seed", type=non_negative_int, default=1)
     p.add_argument("--chunk-size", type=positive_int, default=256, help="token budget of fixed-budget schedulers")
-    p.add_argument("--alpha", type=non_negative, default=0.008, help="Niyama hybrid α (s/token); 0 = EDF order")
-    p.add_argument("--no-dynamic-chunking", action="store_true", help="Niyama ablation switch")
-    p.add_argument("--no-relegation", action="store_true", help="Niyama ablation switch")
+    add_niyama_switches(p)
     p.add_argument("--output-dir", type=Path, default=Path("results"), help="where CSV/JSON/PNG go")
     p.add_argument("--workers", type=positive_int, default=2, help="parallel simulation processes")
 
@@ -51,8 +50,7 @@ def _setup(args: argparse.Namespace):
     from niyama.sim.experiments import Setup
 
     QoSClasses.load(args.qos_config)  # fail early on a bad file
-    config = SchedulerConfig(chunk_size=args.chunk_size, hybrid_alpha=args.alpha,
-                             dynamic_chunking=not args.no_dynamic_chunking, relegation=not args.no_relegation)
+    config = SchedulerConfig(chunk_size=args.chunk_size, **niyama_switches(args))
     ensure_writable_dir(args.output_dir)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
                  qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,

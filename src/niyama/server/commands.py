@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 from niyama.argtypes import at_least, non_empty, non_negative, output_file, port, positive_int
 from niyama.engine.commands import add_engine_args, engine_config
 from niyama.predictor import MIN_PROFILE_ROWS
-from niyama.scheduler import SCHEDULERS
+from niyama.scheduler import SCHEDULERS, SchedulerConfig
+from niyama.scheduler_flags import add_niyama_switches, niyama_switches
 
 NEEDS_PREDICTOR = ("niyama", "edf")
 # Running requests at once. A cap that binds costs Niyama capacity (the simulator with this CPU's profile and
@@ -42,7 +43,9 @@ def register(subparsers) -> None:
                         "4x this number with them)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                    help="largest iteration, in tokens (Niyama's dynamic chunks stay within it)")
-    p.add_argument("--chunk-size", type=positive_int, default=256, help="fixed token budget of fcfs/srpf/priority")
+    p.add_argument("--chunk-size", type=positive_int, default=256,
+                   help="fixed token budget of fcfs, srpf, priority and edf (and of niyama with --no-dynamic-chunking)")
+    add_niyama_switches(p)
     p.add_argument("--host", type=non_empty, default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--profile", default=None,
@@ -71,7 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from niyama.engine.tuning import tune_process
     from niyama.engine.weights import resolve_model_path
     from niyama.predictor import BatchTimePredictor
-    from niyama.scheduler import SchedulerConfig
     from niyama.server.app import ServerState, create_app
     from niyama.server.async_engine import AsyncEngine, engine_thread
     from niyama.server.calibration import load_or_calibrate
@@ -100,10 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif predictor is None:
         predictor = _start_up(worker, load_or_calibrate, runner, name, args.max_num_batched_tokens,
                               args.calibration_batches)
-    sched = SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                                   chunk_size=args.chunk_size)
     with open(args.iteration_log, "a", buffering=1) if args.iteration_log else nullcontext() as log:
-        core = EngineCore(runner, tokenizer, args.scheduler, sched, predictor, args.online_calibration, log)
+        core = EngineCore(runner, tokenizer, args.scheduler, scheduler_config(args), predictor,
+                          args.online_calibration, log)
         engine = AsyncEngine(core, Metrics(name), args.max_queued_requests, worker)
         state = ServerState(engine, tokenizer, policy, name, core.max_model_len, runner.config.vocab_size)
         print(f"niyama: serving {name} with the {args.scheduler} scheduler on http://{args.host}:{args.port}",
@@ -112,6 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                log_level="warning"), engine, args.shutdown_grace)
         server.run(sockets=[listener])
     return 0
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    """The scheduler settings ``niyama serve`` runs with (the switches act on ``--scheduler niyama`` only)."""
+    return SchedulerConfig.within(args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                                  chunk_size=args.chunk_size, **niyama_switches(args))
 
 
 def _start_up(engine_thread: ThreadPoolExecutor, step: Callable[..., T], *args: Any) -> T:
