@@ -8,12 +8,10 @@ from typing import Any
 from niyama.argtypes import non_negative
 from niyama.scheduler.base import SchedulerConfig
 
-DEFAULTS = SchedulerConfig()
-
 
 def add_niyama_switches(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=non_negative, default=DEFAULTS.hybrid_alpha,
-                   help=f"Niyama hybrid α (s/token; default {DEFAULTS.hybrid_alpha}); 0 = EDF order")
+    p.add_argument("--alpha", type=non_negative, default=SchedulerConfig.hybrid_alpha,
+                   help=f"Niyama hybrid α (s/token; default {SchedulerConfig.hybrid_alpha}); 0 = EDF order")
     p.add_argument("--no-dynamic-chunking", action="store_true", help="Niyama: a fixed token budget (ablation)")
     p.add_argument("--no-relegation", action="store_true", help="Niyama: never relegate (ablation)")
 
