@@ -72,8 +72,9 @@ async def _models(_: web.Request) -> web.Response:
 
 
 async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on a free port; returns (runner, base URL)."""
-    runner = web.AppRunner(app)
+    """Serve ``app`` on a free port; returns (runner, base URL). Cleanup waits at most a second for handlers
+    still running (a hung stream's would hold it for aiohttp's default minute)."""
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
