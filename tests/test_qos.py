@@ -72,6 +72,9 @@ def test_config_file_with_scale_and_importance(tmp_path):
         ("classes = 3\n", "non-empty"),
         ("[classes.x\n", "not valid TOML"),
         ("[classes.x]\nttlt = 5\nimportanc = 'critical'\n", "unknown field"),  # a typo is not ignored
+        ("default = [1]\n[classes.x]\nttlt = 5\n", "default must be a class name"),
+        ("scale = nan\n[classes.x]\nttlt = 5\n", "scale must be a positive finite number"),
+        ("scale = inf\n[classes.x]\nttlt = 5\n", "scale must be a positive finite number"),
     ],
 )
 def test_bad_config_files(tmp_path, text, message):

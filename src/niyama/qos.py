@@ -180,10 +180,13 @@ class QoSClasses(Mapping[str, QoS]):
                 ).with_overrides({})
             except QoSError as e:
                 raise QoSError(f"class {name!r}: {e}", e.field) from None
-        result = cls(classes, data.get("default", next(iter(classes))))
+        default = data.get("default", next(iter(classes)))
+        if not isinstance(default, str):
+            raise QoSError(f"default must be a class name, got {default!r}", "default")
+        result = cls(classes, default)
         scale = data.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
-            raise QoSError(f"scale must be a positive number, got {scale!r}", "scale")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+            raise QoSError(f"scale must be a positive finite number, got {scale!r}", "scale")
         return result.scaled(scale) if scale != 1.0 else result
 
     @classmethod

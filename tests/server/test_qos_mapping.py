@@ -72,3 +72,13 @@ def test_builtin_classes_map_tiers():
     policy = QoSPolicy.load(None)
     assert policy.resolve(None, None, "priority").name == "interactive"
     assert policy.resolve(None, None, "flex").name == "batch-10m"
+
+
+@pytest.mark.parametrize(("tiers", "message"), [('priority = "gold"', "unknown class 'gold'"),
+                                                ("priority = [1]", r"unknown class \[1\]"),
+                                                ('gold = "chat"', "unknown service tier 'gold'")])
+def test_bad_tier_tables_are_config_errors(tmp_path, tiers, message):
+    path = tmp_path / "qos.toml"
+    path.write_text(f"[classes.chat]\nttft = 1\ntbt = 0.1\n[service_tiers]\n{tiers}\n")
+    with pytest.raises(QoSError, match=message):
+        QoSPolicy.load(path)

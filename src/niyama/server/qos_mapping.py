@@ -36,7 +36,7 @@ class QoSPolicy:
             if tier not in SERVICE_TIERS:
                 raise QoSError(f"unknown service tier {tier!r} in [service_tiers] "
                                f"(OpenAI's are: {', '.join(SERVICE_TIERS)})", "service_tiers")
-            if name not in known:
+            if not isinstance(name, str) or name not in known:
                 raise QoSError(f"service tier {tier!r} maps to unknown class {name!r}", "service_tiers")
         return cls(classes, dict(tiers))
 
