@@ -322,3 +322,21 @@ def test_duration_without_a_rate_replays_that_window_of_the_trace():
     args = build_parser().parse_args(["bench", "--trace", "azure_conv", "--duration", "10"])
     arrivals = load_trace("azure_conv").arrivals
     assert workload(args, CLASSES, None).num_requests == int((arrivals < 10).sum()) < len(arrivals)
+
+
+def test_ctrl_c_keeps_what_the_run_measured(tmp_path):
+    """Ctrl-C used to throw away every measurement of a long run; now the requests already sent are judged and
+    written, and the command still ends as interrupted (status 130)."""
+    from tests.test_cli import _interrupt_once
+
+    qos = tmp_path / "qos.toml"
+    qos.write_text('default = "chat"\n[classes.chat]\nttft = 5.0\ntbt = 1.0\n')
+    with _serving_in_a_thread(_completions) as url:
+        p = _interrupt_once(["bench", "--base-url", url, "--trace", "synthetic", "--input-len", "8", "--output-len",
+                             str(GOOD), "--rate", "2", "--num-requests", "100", "--qos-config", str(qos),
+                             "--output-dir", str(tmp_path), "--label", "cut"], "| 2/100 ")
+    assert "interrupted after" in p.stdout.read()
+    summary = json.loads((tmp_path / "bench-cut.json").read_text())
+    rows = (tmp_path / "bench-cut.jsonl").read_text().splitlines()
+    assert summary["stop_reason"] == "interrupted" and summary["planned_requests"] == 100
+    assert 2 <= len(rows) == summary["overall"]["requests"] < 100

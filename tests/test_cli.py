@@ -249,8 +249,8 @@ def _interrupt_once(args: list[str], shown: str, env: dict[str, str] | None = No
     whole process group) and expect a prompt exit with status 130."""
     # A shell that starts the suite in the background (`make test &`) leaves SIGINT ignored for its children,
     # and Python then keeps ignoring it: give the command the default a terminal's foreground job has.
-    p = subprocess.Popen([sys.executable, "-m", "niyama.cli", *args], stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "niyama.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while shown not in seen:

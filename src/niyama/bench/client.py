@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,7 +85,8 @@ class RequestResult:
 class RunResult:
     results: list[RequestResult]
     duration: float  # first send to the last request's end
-    stop_reason: str | None = None  # "violations" (a class passed its budget) or "drain" (drain timeout)
+    # "violations" (a class passed its budget), "drain" (drain timeout) or "interrupted" (Ctrl-C)
+    stop_reason: str | None = None
 
     @property
     def stopped_early(self) -> bool:
@@ -223,7 +226,16 @@ def _certain_violations(results: list[RequestResult], classes: QoSClasses, now: 
     return counts
 
 
+def _on_interrupt(interrupted: asyncio.Event) -> None:
+    """Ctrl-C ends the run with what it measured so far; a second one stops at once."""
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    interrupted.set()
+
+
 async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: BenchConfig) -> RunResult:
+    """Run the load; on Ctrl-C (in the main thread) return what was measured, with ``stop_reason``
+    "interrupted"."""
     if cfg.endpoint not in ("completions", "chat"):
         raise ValueError(f"endpoint must be completions or chat, got {cfg.endpoint!r}")
     if cfg.qos_mode not in QOS_MODES:
@@ -254,8 +266,13 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
             raise ServerError(f"{base} does not serve model {cfg.model!r} (it lists {', '.join(models)})")
         model = cfg.model or models[0]
         url = f"{base}/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
-        bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
 
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        catch_sigint = threading.current_thread() is threading.main_thread()
+        if catch_sigint:
+            loop.add_signal_handler(signal.SIGINT, _on_interrupt, interrupted)
+        bar = tqdm(total=len(specs), desc="requests", unit="req", disable=not cfg.progress, dynamic_ncols=True)
         tasks: list[asyncio.Task] = []
         t0 = time.perf_counter()
 
@@ -274,9 +291,12 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
                 tasks.append(task)
 
         async def watch() -> str:
-            """Why the run should stop: a class is past its violation budget, or the drain ran out."""
+            """Why the run should stop: Ctrl-C, a class is past its violation budget, or the drain ran out."""
             while True:
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), 0.5)
+                if interrupted.is_set():
+                    return "interrupted"
                 now = time.perf_counter() - t0
                 if cfg.stop_at_violation_pct is not None:
                     counts = _certain_violations(results, classes, now)
@@ -286,17 +306,21 @@ async def run_load_async(specs: list[RequestSpec], classes: QoSClasses, cfg: Ben
                         and now > specs[-1].arrival + cfg.drain_timeout):
                     return "drain"
 
-        launcher = asyncio.create_task(launch())
-        watcher = asyncio.create_task(watch())
-        finished, _ = await asyncio.wait([launcher, watcher], return_when=asyncio.FIRST_COMPLETED)
-        while watcher not in finished and any(not t.done() for t in tasks):
-            pending = {t for t in tasks if not t.done()}
-            finished, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
-        stop_reason = watcher.result() if watcher in finished else None
-        for t in (launcher, watcher, *tasks):
-            t.cancel()
-        await asyncio.gather(launcher, watcher, *tasks, return_exceptions=True)
-        bar.close()
+        try:
+            launcher = asyncio.create_task(launch())
+            watcher = asyncio.create_task(watch())
+            finished, _ = await asyncio.wait([launcher, watcher], return_when=asyncio.FIRST_COMPLETED)
+            while watcher not in finished and any(not t.done() for t in tasks):
+                pending = {t for t in tasks if not t.done()}
+                finished, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+            stop_reason = watcher.result() if watcher in finished else None
+            for t in (launcher, watcher, *tasks):
+                t.cancel()
+            await asyncio.gather(launcher, watcher, *tasks, return_exceptions=True)
+        finally:
+            if catch_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+            bar.close()
         if launcher.done() and not launcher.cancelled() and launcher.exception():
             raise launcher.exception()  # type: ignore[misc]
     ends = [r.ended for r in results if r.ended is not None]

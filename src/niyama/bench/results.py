@@ -76,6 +76,7 @@ def run_summary(run: RunResult, rows: list[dict[str, Any]], goodput: dict[str, f
         summary["goodput_thresholds_ms"] = goodput
         summary["goodput_thresholds_rps"] = good / run.duration if run.duration else 0.0
     summary["errors"] = sum(1 for r in rows if r["error"] is not None)
+    summary["first_error"] = next((r["error"] for r in rows if r["error"] is not None), None)
     summary["cancelled"] = sum(1 for r in rows if r["cancelled"])
     summary["planned_requests"] = len(run.results)
     summary["stop_reason"] = run.stop_reason
