@@ -40,6 +40,12 @@ def test_simulate_writes_rows_summary_and_plot(tmp_path):
         (["simulate", "--rate", "1", "--class-mix", "gold=1"], "unknown QoS class 'gold'"),
         (["simulate", "--rate", "1", "--profile", "tpu"], "cannot read profile tpu"),
         (["simulate", "--trace", "sharegpt"], "no arrival times"),
+        (["simulate", "--rate", "1e6", "--duration", "1e5"], "is more than 10,000,000 requests"),
+        (["experiment", "overload", "--trace", "nope"], "no trace 'nope'"),  # before a capacity search
+        (["experiment", "capacity", "--trace", "sharegpt"], "always measures azure_code and azure_conv"),
+        (["bench", "--cv", "3"], "--cv applies only with --rate"),
+        (["bench", "--endpoint", "chat", "--rate", "1", "--vocab-size", "500"], "--vocab-size applies only with"),
+        (["bench", "--rate", "1", "--base-url", "http://127.0.0.1:99999/v1"], "not a valid base URL"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
@@ -54,11 +60,32 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path):
     p = niyama("simulate", "--rate", "1", "--output-dir", str(tmp_path / "afile"))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "afile is not a directory" in lines[0], p.stderr
+    p = niyama("simulate", "--rate", "1", "--output-dir", str(tmp_path / "afile" / "sub"))
+    message = f"niyama: error: cannot create the output directory {tmp_path}/afile/sub: Not a directory"
+    assert p.stderr.strip() == message
+
+
+def test_a_trace_value_that_is_not_a_number_names_its_row(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n10,2\n20,x\n")
+    p = niyama("simulate", "--trace", str(trace), "--rate", "1", "--output-dir", str(tmp_path))
+    assert p.stderr.strip() == f"niyama: error: trace {trace}: row 2, column 2: 'x' is not a number"
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["capacity"], ["experiment"], ["profile"], ["generate"],
+                                     ["serve"], ["bench"], ["bench", "capacity"]])
+def test_every_help_page_prints(command, capsys):
+    from niyama.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: niyama")
 
 
 def test_argument_errors_are_one_line(tmp_path):
     for args, message in [(["simulate", "--rate", "-3"], "niyama simulate: error: argument --rate: must be positive"),
-                          (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s): lifo"),
+                          (["capacity", "--schedulers", "fcfs,lifo"], "unknown scheduler(s) lifo"),
+                          (["capacity", "--schedulers", ","], "--schedulers: no scheduler given"),
                           (["simulate", "--bogus"], "unrecognized arguments: --bogus"),
                           (["bench", "--label", "../x"], "must be a file name without folders"),
                           (["simulate", "--seed", "1e3"], "--seed: must be an integer >= 0, got '1e3'"),
@@ -147,14 +174,15 @@ def test_malformed_trace_and_profile_files_are_one_line(tmp_path):
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0]
 
 
-@pytest.mark.parametrize("args", [
-    ["simulate", "--rate", "3", "--duration", "1e308"],
-    ["bench", "--trace", "synthetic", "--rate", "3", "--cv", "1e-200", "--base-url", "http://127.0.0.1:9/v1"],
+@pytest.mark.parametrize(("args", "message"), [
+    (["simulate", "--rate", "3", "--duration", "1e308"], "is more than 10,000,000 requests"),
+    (["bench", "--trace", "synthetic", "--rate", "3", "--cv", "1e-200", "--base-url", "http://127.0.0.1:9/v1"],
+     "out of range"),
 ])
-def test_numbers_too_large_to_work_with_are_one_line(tmp_path, args):
+def test_numbers_too_large_to_work_with_are_one_line(tmp_path, args, message):
     p = niyama(*args, "--output-dir", str(tmp_path))
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "out of range" in lines[0], p.stderr
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -286,6 +314,15 @@ def test_experiments_refuse_a_useless_cached_capacity(tmp_path, cached, message)
     p = niyama("experiment", "overload", "--output-dir", str(tmp_path))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+
+
+def test_experiments_measure_again_a_capacity_cached_with_other_settings(tmp_path):
+    """A capacity measured with other settings (here: another duration) used to be reused without a word."""
+    cached = {"azure_code": {"niyama": {"capacity": 0.0}}, "settings": {"duration": 3600.0}}
+    (tmp_path / "sim-capacity.json").write_text(json.dumps(cached))
+    p = niyama("experiment", "overload", "--duration", "20", "--output-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "measured with other settings; measuring Niyama's capacity again" in p.stdout
 
 
 def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):

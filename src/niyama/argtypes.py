@@ -112,7 +112,10 @@ def ensure_writable_dir(path: Path) -> None:
     its results are saved."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the output directory {path}: {e.strerror}") from None
     if not _can_write_in(path):
         raise PermissionError(f"cannot write in {path}")
 

@@ -1,4 +1,5 @@
-"""The ``niyama`` command: simulations and experiments (the engine adds its own subcommands)."""
+"""The ``niyama`` command: the simulator and its experiments here; the engine, the server and the benchmark
+client register their own subcommands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from niyama import __version__
 from niyama.argtypes import (
     ensure_writable_dir,
     mix,
@@ -21,7 +23,7 @@ from niyama.predictor import builtin_profiles
 from niyama.qos import QoSClasses
 from niyama.scheduler import SchedulerConfig
 from niyama.scheduler_flags import add_niyama_switches, niyama_switches
-from niyama.sim.workload import TRACE_FILES
+from niyama.sim.workload import TRACE_FILES, load_trace
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -39,22 +41,31 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help=f"latency profile: built-in ({', '.join(builtin_profiles())}) or a JSON path")
     p.add_argument("--noise", type=non_negative, default=0.05, help="std of multiplicative batch-time noise")
     p.add_argument("--qos-config", default=None, help="QoS class file (TOML); default: the paper's classes")
-    p.add_argument("--seed", type=non_negative_int, default=1)
-    p.add_argument("--chunk-size", type=positive_int, default=256, help="token budget of fixed-budget schedulers")
+    p.add_argument("--seed", type=non_negative_int, default=1,
+                   help="seed of the workload and the noise (default: %(default)s)")
+    p.add_argument("--chunk-size", type=positive_int, default=256,
+                   help="token budget of fixed-budget schedulers (default: %(default)s)")
     add_niyama_switches(p)
-    p.add_argument("--output-dir", type=Path, default=Path("results"), help="where CSV/JSON/PNG go")
-    p.add_argument("--workers", type=positive_int, default=2, help="parallel simulation processes")
+    p.add_argument("--output-dir", type=Path, default=Path("results"),
+                   help="where CSV/JSON/PNG go (default: %(default)s)")
+
+
+def _add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="simulations run in parallel processes (default: %(default)s)")
 
 
 def _setup(args: argparse.Namespace):
     from niyama.sim.experiments import Setup
 
-    QoSClasses.load(args.qos_config)  # fail early on a bad file
+    QoSClasses.load(args.qos_config)  # fail early on a bad file or trace, not after a long run
+    load_trace(args.trace)
     config = SchedulerConfig(chunk_size=args.chunk_size, **niyama_switches(args))
     ensure_writable_dir(args.output_dir)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
                  qos_config=args.qos_config, class_mix=args.class_mix, importance_mix=args.importance_mix,
-                 length_scale=args.length_scale, base_config=config, seed=args.seed, workers=args.workers)
+                 length_scale=args.length_scale, base_config=config, seed=args.seed,
+                 workers=getattr(args, "workers", 1))
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -102,6 +113,9 @@ def cmd_capacity(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     from niyama.sim import reproduce
 
+    if args.name == "capacity" and args.trace not in reproduce.CAPACITY_TRACES:
+        raise ValueError(f"experiment capacity always measures {' and '.join(reproduce.CAPACITY_TRACES)}; "
+                         "--trace chooses the trace of ablation, overload, transient and silos")
     setup = _setup(args)
     reproduce.run(args.name, setup, args.output_dir, report=args.report)
 
@@ -117,7 +131,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from niyama.sim.experiments import VARIANTS
 
-    parser = _Parser(prog="niyama", description=__doc__)
+    parser = _Parser(prog="niyama", description="Niyama: QoS-driven LLM serving (serve, bench) and its "
+                     "simulator (simulate, capacity, experiment).")
+    parser.add_argument("--version", action="version", version=f"niyama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate one workload with one scheduler")
@@ -129,16 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capacity", help="max rate with ≤ 1%% violations per class, per scheduler")
     _add_workload_args(p)
-    p.add_argument("--schedulers", type=lambda s: list(dict.fromkeys(s.split(","))), default=["fcfs", "edf", "niyama"])
-    p.add_argument("--start", type=positive, default=2.0, help="first rate tried (req/s)")
+    _add_workers_arg(p)
+    p.add_argument("--schedulers", type=_scheduler_list, default="fcfs,edf,niyama",
+                   help=f"comma-separated, of: {', '.join(VARIANTS)} (default: %(default)s)")
+    p.add_argument("--start", type=positive, default=2.0, help="first rate tried, req/s (default: %(default)s)")
     p.set_defaults(func=cmd_capacity)
 
     p = sub.add_parser("experiment", help="the paper's experiments: capacity, overload, transient, "
                                           "ablation, silos, or all",
                        description="Run one of the paper's experiments, or all. --duration sets each run's "
                        "arrivals, except for transient, which always runs its 4 hours of 15-minute phases.")
-    p.add_argument("name", choices=["capacity", "overload", "transient", "ablation", "silos", "all"])
+    p.add_argument("name", choices=["capacity", "overload", "transient", "ablation", "silos", "all"],
+                   help="capacity always measures azure_code and azure_conv; the others run on --trace")
     _add_workload_args(p)
+    _add_workers_arg(p)
     p.add_argument("--report", type=output_file, default=None, help="also write a Markdown report here")
     p.set_defaults(func=cmd_experiment)
 
@@ -152,15 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scheduler_list(text: str) -> list[str]:
+    """``fcfs,edf,...`` → the names, each once, all known."""
+    from niyama.sim.experiments import VARIANTS
+
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("no scheduler given")
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise argparse.ArgumentTypeError(f"unknown scheduler(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "scheduler", None) is None and hasattr(args, "schedulers"):
-        from niyama.sim.experiments import VARIANTS
-
-        unknown = [s for s in args.schedulers if s not in VARIANTS]
-        if unknown:
-            parser.error(f"unknown scheduler(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -204,6 +204,8 @@ async def list_models(session: aiohttp.ClientSession, base_url: str, required: b
                 raise ServerError(f"GET {base_url}/models answered HTTP {resp.status}")
             body = await resp.json(content_type=None)
             models = [m["id"] for m in body["data"]]
+    except aiohttp.InvalidURL as e:  # before ValueError, which it also is
+        raise ServerError(f"not a valid base URL: {base_url} ({e})") from None
     except (ValueError, KeyError, TypeError) as e:  # not JSON, or not OpenAI's model list
         raise ServerError(f"GET {base_url}/models did not answer with OpenAI's model list "
                           f"({type(e).__name__}: {e}); is this an OpenAI-compatible server?") from None

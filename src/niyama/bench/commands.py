@@ -40,7 +40,7 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     g = p.add_argument_group("server")
     add(g, "--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI API root")
     add(g, "--model", default=None, help="model id (default: the first one the server lists)")
-    add(g, "--api-key", default=None)
+    add(g, "--api-key", default=None, help="sent as a bearer token")
     add(g, "--endpoint", choices=["completions", "chat"], default="completions",
            help="completions: random token-id prompts of exact length; chat: random-word messages")
     add(g, "--qos-mode", choices=QOS_MODES, default="niyama",
@@ -51,18 +51,20 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(g, "--priorities", type=int_mapping, default=None,
            help="class=int for --qos-mode priority (classes not given: tightest deadline first, from 0)")
     add(g, "--no-ignore-eos", action="store_true", help="let answers stop at EOS before max_tokens")
-    add(g, "--vocab-size", type=at_least(101), default=32000,
-        help="random prompt ids are in [100, this)")
+    add(g, "--vocab-size", type=at_least(101), default=None,
+        help=f"random prompt ids of --endpoint completions are in [100, this) (default: {VOCAB_SIZE})")
     w = p.add_argument_group("workload")
     add(w, "--trace", default="azure_conv",
            help=f"lengths from a trace ({', '.join(TRACE_FILES)}, or a CSV path), or 'synthetic' "
            "with --input-len/--output-len (default: azure_conv)")
     add(w, "--input-len", type=positive_int, default=None, help="prompt tokens of --trace synthetic (default 128)")
     add(w, "--output-len", type=positive_int, default=None, help="output tokens of --trace synthetic (default 128)")
-    add(w, "--cv", type=positive, default=1.0,
-           help="burstiness: gamma inter-arrivals with this coefficient of variation (1 = Poisson)")
+    add(w, "--cv", type=positive, default=None,
+           help="burstiness of arrivals at a rate: gamma inter-arrivals with this coefficient of variation "
+           "(default: 1, Poisson)")
     add(w, "--duration", type=positive, default=120.0,
-           help="seconds of arrivals: rate × this requests, or the trace's own arrivals in that window")
+           help="seconds of arrivals: rate × this requests, or the trace's own arrivals in that window "
+           "(default: 120)")
     add(w, "--num-requests", type=positive_int, default=None, help="number of requests (overrides --duration)")
     add(w, "--class-mix", type=mix, default=None, help="e.g. interactive=1,batch-10m=1 (default: equal)")
     add(w, "--importance-mix", type=mix, default={"standard": 1.0},
@@ -71,15 +73,16 @@ def _add_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(w, "--max-prompt-tokens", type=positive_int, default=None, help="clip longer prompts")
     add(w, "--qos-config", default=None,
            help="QoS classes the requests ask for and are judged by; use the server's file")
-    add(w, "--seed", type=non_negative_int, default=0)
+    add(w, "--seed", type=non_negative_int, default=0, help="seed of the workload and prompts (default: 0)")
     o = p.add_argument_group("output")
-    add(o, "--output-dir", type=Path, default=Path("results/bench"))
+    add(o, "--output-dir", type=Path, default=Path("results/bench"), help="where files go (default: results/bench)")
     add(o, "--label", type=file_stem, default=None, help="file name stem (default: from the QoS mode and rate)")
     add(o, "--drain-timeout", type=positive, default=None,
            help="after the last arrival, cancel what still runs after this many seconds "
            "(cancelled requests count as violations)")
     add(o, "--stall-timeout", type=positive, default=600.0,
-           help="a request whose stream sends nothing for this many seconds fails (a violation)")
+           help="a request whose stream sends nothing for this many seconds fails (a violation; "
+           "default: 600)")
     add(o, "--goodput", type=threshold, nargs="+", action="extend", default=None, metavar="METRIC:MS",
         help="also count goodput as `vllm bench serve --goodput` does: requests within every given threshold "
         f"({', '.join(GOODPUT_METRICS)}; milliseconds) per second (with `bench capacity`, after `capacity`)")
@@ -95,26 +98,33 @@ def register(subparsers) -> None:
     p.add_argument("--rate", "--request-rate", type=positive, default=None,
                    help="arrivals per second (default: the trace's own arrival times)")
     p.set_defaults(func=cmd_bench)
-    sub = p.add_subparsers(dest="bench_command")
+    sub = p.add_subparsers(dest="bench_command", metavar="capacity")
     c = sub.add_parser("capacity", help="highest rate with ≤ 1%% violations in every class, on a live server",
                        description="The simulator's capacity search (bracket, bisect, interpolate) with each "
                        "point a live benchmark run.")
     for action in _add_args(c):  # options given before `capacity` must survive the subparser's defaults
         action.default = argparse.SUPPRESS
-    c.add_argument("--start", type=positive, default=1.0, help="first rate tried (req/s)")
-    c.add_argument("--tolerance", type=positive, default=0.05, help="stop bisecting at this relative width")
-    c.add_argument("--threshold", type=percent, default=1.0, help="violation %% allowed per class")
+    c.add_argument("--start", type=positive, default=1.0, help="first rate tried, req/s (default: %(default)s)")
+    c.add_argument("--tolerance", type=positive, default=0.05,
+                   help="stop bisecting at this relative width (default: %(default)s)")
+    c.add_argument("--threshold", type=percent, default=1.0,
+                   help="violation %% allowed per class (default: %(default)s)")
     c.add_argument("--stop-at", type=percent, default=10.0,
-                   help="end a point early once a class certainly has this %% of violations")
+                   help="end a point early once a class certainly has this %% of violations "
+                   "(default: %(default)s)")
     c.set_defaults(func=cmd_capacity)
 
 
 SYNTHETIC_LEN = 128  # --input-len and --output-len by default
+VOCAB_SIZE = 32000  # --vocab-size by default
 
 
-def check_options(args: argparse.Namespace) -> None:
+def check_options(args: argparse.Namespace, rate_searched: bool = False) -> None:
     """Options that only apply with another one: refused, rather than silently ignored, without it."""
-    needs = [("--service-tiers", args.service_tiers, "--qos-mode service-tier", args.qos_mode == "service-tier"),
+    needs = [("--cv", args.cv, "--rate (the trace's own arrival times are replayed)",
+              rate_searched or args.rate is not None),
+             ("--vocab-size", args.vocab_size, "--endpoint completions", args.endpoint == "completions"),
+             ("--service-tiers", args.service_tiers, "--qos-mode service-tier", args.qos_mode == "service-tier"),
              ("--priorities", args.priorities, "--qos-mode priority", args.qos_mode == "priority"),
              ("--input-len", args.input_len, "--trace synthetic", args.trace == "synthetic"),
              ("--output-len", args.output_len, "--trace synthetic", args.trace == "synthetic")]
@@ -130,7 +140,7 @@ def workload(args: argparse.Namespace, classes: QoSClasses, rate: float | None) 
     synthetic = ((args.input_len or SYNTHETIC_LEN, args.output_len or SYNTHETIC_LEN) if args.trace == "synthetic"
                  else None)
     num = args.num_requests or (None if synthetic and not rate else requests_in(args.trace, args.duration, rate))
-    return WorkloadSpec(trace=args.trace, rate=rate, num_requests=num, cv=args.cv,
+    return WorkloadSpec(trace=args.trace, rate=rate, num_requests=num, cv=args.cv or 1.0,
                         class_mix=args.class_mix or {n: 1.0 for n in classes}, importance_mix=args.importance_mix,
                         length_scale=args.length_scale, max_prompt_tokens=args.max_prompt_tokens,
                         synthetic_lengths=synthetic, seed=args.seed)
@@ -139,7 +149,8 @@ def workload(args: argparse.Namespace, classes: QoSClasses, rate: float | None) 
 def config(args: argparse.Namespace, stop_at: float | None = None) -> BenchConfig:
     kwargs: dict[str, Any] = {"service_tiers": args.service_tiers} if args.service_tiers else {}
     return BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, qos_mode=args.qos_mode,
-                       priorities=args.priorities, ignore_eos=not args.no_ignore_eos, vocab_size=args.vocab_size,
+                       priorities=args.priorities, ignore_eos=not args.no_ignore_eos,
+                       vocab_size=args.vocab_size or VOCAB_SIZE,
                        api_key=args.api_key, drain_timeout=args.drain_timeout, stall_timeout=args.stall_timeout,
                        stop_at_violation_pct=stop_at,
                        seed=args.seed, progress=not args.no_progress, **kwargs)
@@ -216,7 +227,7 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
     from niyama.sim.capacity import find_capacity
     from niyama.sim.report import max_class_violation
 
-    check_options(args)
+    check_options(args, rate_searched=True)
     if args.stop_at <= args.threshold:
         raise ValueError(f"--stop-at ({args.stop_at}) must be above --threshold ({args.threshold})")
     runs: list[dict[str, Any]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,15 @@ def run_capacity(setup: ex.Setup, report: Report) -> dict[str, dict[str, Capacit
     report.add(*_table(["trace", *(f"{v} (req/s)" for v in CAPACITY_VARIANTS), "Niyama/FCFS", "Niyama/EDF"],
                        rows))
     report.image(plots.capacity_plot(results, report.output_dir / "sim-capacity.png"), "capacity")
-    report.save_json("sim-capacity", {t: {v: vars(r) for v, r in res.items()} for t, res in results.items()})
+    report.save_json("sim-capacity", {t: {v: vars(r) for v, r in res.items()} for t, res in results.items()}
+                     | {"settings": _settings(setup)})
     return results
+
+
+def _settings(setup: ex.Setup) -> dict[str, Any]:
+    """What a capacity depends on besides the trace, as JSON gives it back."""
+    return json.loads(json.dumps({k: v for k, v in asdict(setup).items() if k not in ("trace", "workers")},
+                                 default=str))
 
 
 def run_ablation(setup: ex.Setup, report: Report, known: dict[str, CapacityResult]) -> None:
@@ -187,7 +194,9 @@ def _known_capacity(setup: ex.Setup, output_dir: Path) -> float:
         except (ValueError, AttributeError, KeyError, TypeError) as e:
             raise ValueError(f"{saved} is not a result of `niyama experiment capacity` "
                              f"({type(e).__name__}: {e}); remove it to measure the capacity again") from None
-        if capacity is not None:
+        if capacity is not None and data.get("settings", _settings(setup)) != _settings(setup):
+            print(f"{saved} was measured with other settings; measuring Niyama's capacity again")
+        elif capacity is not None:
             print(f"using Niyama's capacity from {saved}")
             return capacity
     return ex.capacity(setup, "niyama").capacity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ TRACE_FILES = {
     "sharegpt": "sharegpt_lengths.csv",
 }
 MAX_TRACE_TOKENS = 10_000_000  # a token count beyond any context: a corrupt row, not a request
+MAX_REQUESTS = 10_000_000  # in one workload (~3 GB of request objects): a typo in a rate or duration
 DEFAULT_CLASS_MIX = {"interactive": 1 / 3, "batch-10m": 1 / 3, "batch-30m": 1 / 3}
 
 
@@ -72,7 +74,7 @@ def load_trace(name_or_path: str) -> Trace:
         with warnings.catch_warnings(action="ignore"):  # "input contained no data": reported below
             data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"trace {path}: {e}") from None
+        raise ValueError(f"trace {path}: {_loadtxt_error(e)}") from None
     if len(data) == 0:
         raise ValueError(f"trace {path} has no rows")
     if data.shape[1] != len(header):
@@ -91,6 +93,15 @@ def load_trace(name_or_path: str) -> Trace:
     arrivals = data[:, col["arrived_at"]] - data[0, col["arrived_at"]] if "arrived_at" in col else None
     prompts, decodes = data[:, col["num_prefill_tokens"]], data[:, col["num_decode_tokens"]]
     return Trace(prompts.astype(int), decodes.astype(int), arrivals)
+
+
+def _loadtxt_error(e: Exception) -> str:
+    """numpy's message, with its 0-based row of a value it cannot read made the 1-based data row that the
+    other trace errors name."""
+    text = str(e)
+    if m := re.fullmatch(r"could not convert string (.*) to \w+ at row (\d+), column (\d+)\.", text):
+        return f"row {int(m[2]) + 1}, column {m[3]}: {m[1]} is not a number"
+    return text
 
 
 def poisson_arrivals(n: int, rate: float, rng: np.random.Generator, cv: float = 1.0) -> np.ndarray:
@@ -138,6 +149,9 @@ def requests_in(trace: str, duration: float, rate: float | None) -> int | None:
     """Requests arriving in ``duration`` seconds: rate × duration, or, replaying the trace's own arrival
     times (no rate), those of its first ``duration`` seconds; None for a trace without arrival times."""
     if rate:
+        if rate * duration > MAX_REQUESTS:
+            raise ValueError(f"{rate:g} req/s for {duration:g} s is more than {MAX_REQUESTS:,} requests, "
+                             "the most one run takes")
         return max(1, int(rate * duration))
     arrivals = load_trace(trace).arrivals
     return None if arrivals is None else max(1, int(np.searchsorted(arrivals, duration)))
@@ -153,8 +167,8 @@ def _mix_draw(mix: Mapping[str, float], n: int, rng: np.random.Generator, what: 
 
 
 def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
-    if spec.num_requests is not None and spec.num_requests < 1:
-        raise ValueError(f"a workload needs at least one request, got {spec.num_requests}")
+    if spec.num_requests is not None and not 1 <= spec.num_requests <= MAX_REQUESTS:
+        raise ValueError(f"a workload has 1 to {MAX_REQUESTS:,} requests, got {spec.num_requests:,}")
     rng = np.random.default_rng(spec.seed)
     if spec.synthetic_lengths:
         prompt, output = spec.synthetic_lengths
