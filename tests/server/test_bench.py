@@ -9,12 +9,13 @@ from pathlib import Path
 
 from tests.server.conftest import QOS_CONFIG
 
-TINY = ["--trace", "synthetic", "--input-len", "12", "--output-len", "4", "--no-progress", "--vocab-size", "49152"]
+TINY = ["--trace", "synthetic", "--input-len", "12", "--output-len", "4", "--no-progress"]
 
 
 def _bench(server, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    vocab = [] if "chat" in args else ["--vocab-size", "49152"]  # token-id prompts: the model's vocabulary
     cmd = [sys.executable, "-m", "niyama.cli", "bench", *(args[:1] if args[:1] == ("capacity",) else ()),
-           "--base-url", f"{server.url}/v1", "--output-dir", str(tmp_path), *TINY,
+           "--base-url", f"{server.url}/v1", "--output-dir", str(tmp_path), *TINY, *vocab,
            *(args[1:] if args[:1] == ("capacity",) else args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
@@ -53,6 +54,14 @@ def test_bench_sends_service_tier_and_priority_over_both_endpoints(server, tmp_p
         assert len(rows) == 3 and all(r["error"] is None and r["output_tokens"] == 4 for r in rows)
         # service_tier "priority" maps to the interactive class in the server's config (and it is the default)
         assert all(r["server_class"] == "interactive" for r in rows)
+        assert "another class than asked" not in done.stdout
+    # Our server's niyama scheduler does not read vLLM's priority: batch requests get its default class, and
+    # the client says so (they are still judged by the class they asked for).
+    done = _bench(server, tmp_path, "--qos-config", str(QOS_CONFIG), "--qos-mode", "priority", "--rate", "4",
+                  "--num-requests", "2", "--class-mix", "batch-10m", "--label", "batch-priority")
+    assert done.returncode == 0, done.stderr
+    assert "the server applied another class than asked (requests are judged by the class asked): " \
+           "batch-10m → interactive (2)" in done.stdout
 
 
 def test_capacity_search_against_a_live_server_ends_failing_points_early(server, tmp_path):

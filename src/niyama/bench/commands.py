@@ -213,6 +213,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if "goodput_thresholds_rps" in summary:
         within = ", ".join(f"{m} ≤ {v:g} ms" for m, v in summary["goodput_thresholds_ms"].items())
         print(f"goodput ({within}) {summary['goodput_thresholds_rps']:.2f} req/s")
+    if other := summary["served_as_other_class"]:
+        print("the server applied another class than asked (requests are judged by the class asked): "
+              + ", ".join(f"{pair} ({n})" for pair, n in other.items()))
     if summary["errors"]:
         print(f"{summary['errors']} requests failed (counted as violations); see {stem}.jsonl")
     if summary["cancelled"]:

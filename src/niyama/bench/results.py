@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def run_summary(run: RunResult, rows: list[dict[str, Any]], goodput: dict[str, f
         summary["goodput_thresholds_rps"] = good / run.duration if run.duration else 0.0
     summary["errors"] = sum(1 for r in rows if r["error"] is not None)
     summary["first_error"] = next((r["error"] for r in rows if r["error"] is not None), None)
+    served_as = Counter(f"{r['class']} → {r['server_class']}" for r in rows
+                        if r["server_class"] is not None and r["server_class"] != r["class"])
+    summary["served_as_other_class"] = dict(sorted(served_as.items()))
     summary["cancelled"] = sum(1 for r in rows if r["cancelled"])
     summary["planned_requests"] = len(run.results)
     summary["stop_reason"] = run.stop_reason
