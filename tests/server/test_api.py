@@ -124,6 +124,10 @@ def test_qos_object_overrides_interactive_fields(server):
     ({"extra_body": {"response_format": {"json_schema": {}}}}, "response_format.type"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),  # only an assistant turn may lack content
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.0.content"),
+    # A union's error for what is wrong inside the list, not "Input should be a valid string".
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages.0.content.0.type"),
+    ({"stop": ["x"] * 65}, "stop"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"extra_body": {"top_k": -2}}, "top_k"),
@@ -226,12 +230,17 @@ def test_malformed_bodies_and_routes_get_openai_errors(server):
     surrogate = httpx.post(chat, content=b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
                            % server.model.encode(), headers={"Content-Type": "application/json"})
     assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "messages"
+    assert "not valid Unicode text" in surrogate.json()["error"]["message"]
+    nested = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": [[[1]]]})
+    assert nested.status_code == 400
+    assert nested.json()["error"]["message"] == "prompt.0.0: Input should be a valid integer"
     # ... and quoted back in an error message it must not turn a 400 into a 500.
     key = httpx.post(chat, content=b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
                      b'"qos": {"\\ud800": 1}}' % server.model.encode(), headers={"Content-Type": "application/json"})
     assert key.status_code == 400 and key.json()["error"]["code"] == "invalid_qos"
     wizard = httpx.post(chat, json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}]})
     assert wizard.status_code == 400 and wizard.json()["error"]["param"] == "messages.0.role"
+    assert httpx.head(f"{server.url}/health").status_code == 200
     for response in (httpx.get(f"{server.url}/v1/nope"), httpx.get(chat)):
         assert response.status_code in (404, 405) and response.json()["error"]["message"]
 

@@ -51,6 +51,27 @@ def test_sigterm_ends_open_requests_after_the_grace_period(cache_dir):
     assert answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "unavailable"
 
 
+def test_a_second_signal_ends_open_requests_and_the_server_at_once(cache_dir):
+    """uvicorn skips the app's shutdown after a second signal, so the engine thread was never stopped and the
+    process hung forever, with or without open requests."""
+    with serve(cache_dir, "--scheduler", "fcfs", "--shutdown-grace", "60") as s:
+        body = {"model": s.model, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=120) as stream:
+            for line in stream.iter_lines():
+                if not line:
+                    continue
+                events.append(line.removeprefix("data: "))
+                if len(events) == 1:
+                    s.process.send_signal(signal.SIGINT)
+                    time.sleep(0.5)
+                    s.process.send_signal(signal.SIGINT)
+                    stopped = time.monotonic()
+        s.process.wait(timeout=30)
+    assert time.monotonic() - stopped < 15  # not the 60 s grace period
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "unavailable"
+
+
 def test_a_stopped_engine_refuses_requests_instead_of_queueing_them():
     """Requests submitted after its loop ended used to be queued and never answered."""
     core = LLMEngine(EngineConfig(kv_cache_memory=16 << 20)).core

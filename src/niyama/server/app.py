@@ -31,6 +31,7 @@ from niyama.server.qos_mapping import QoSPolicy
 
 QOS_HEADER = "X-Niyama-QoS"
 DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streaming request checks that its client is still there
+MAX_STOP_SEQUENCES = 64  # OpenAI takes 4, vLLM any number; each is searched for after every token
 
 
 class APIError(Exception):
@@ -84,6 +85,7 @@ def create_app(state: ServerState) -> FastAPI:
         if tuple(err["loc"]) == ("body",):  # empty, or not sent as JSON (curl -d without a JSON content type)
             return APIError(400, "the request body must be a JSON object, sent with Content-Type: "
                             "application/json").response()
+        err = _deepest(e.errors(), err)
         param = _param(err["loc"][1:])
         return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param).response()
 
@@ -96,7 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def internal_error(_: Request, e: Exception) -> Response:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and probes' cheap check
     async def health() -> JSONResponse:
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
@@ -173,7 +175,9 @@ async def _tokenize(tokenize: Callable[[Any], list[int]], text: Any, param: str)
     call changes its truncation or padding, which no call here does."""
     try:
         return await asyncio.to_thread(tokenize, text)
-    except (TypeError, ValueError, UnicodeError, TemplateError) as e:  # e.g. a lone surrogate in the text
+    except (TypeError, UnicodeError):  # what the tokenizer raises for text with a lone surrogate (JSON's \ud800)
+        raise APIError(400, f"the {param} is not valid Unicode text (a lone surrogate?)", param) from None
+    except (ValueError, TemplateError) as e:
         raise APIError(400, f"the {param} cannot be tokenized: {e}", param) from None
 
 
@@ -206,6 +210,8 @@ def _sampling_params(body: SamplingRequest, num_prompt_tokens: int, max_model_le
         raise APIError(400, f"prompt ({num_prompt_tokens} tokens) + {name} ({max_tokens}) exceeds this "
                        f"model's context of {max_model_len} tokens", name, "context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=max(body.top_k, 0),
                           seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
@@ -314,6 +320,15 @@ def _engine_error(e: Exception) -> APIError:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _deepest(errors: list[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """Of the errors about ``first``'s field, the one deepest inside it. A union field (``prompt``, a message's
+    ``content``) gets one error per member type, the first for the ``str`` member ("Input should be a valid
+    string"), while the deepest names what is wrong inside the list the client sent."""
+    field = first["loc"][:2]
+    same = [e for e in errors if e["loc"][:2] == field]
+    return max(same, key=lambda e: len((_param(e["loc"]) or "").split(".")))  # the first of the deepest
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:

@@ -35,3 +35,5 @@ class DrainingServer(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+            if self.force_exit:  # uvicorn then skips the app's shutdown, which stops the engine thread
+                self.engine.stop()

@@ -97,7 +97,7 @@ class ChatMessage(BaseModel):
     def _content_is_there(cls, value: Any, info: ValidationInfo) -> Any:
         """Only an assistant turn (one that called tools) may come without content, as in OpenAI's API; a
         text or refusal part needs its text."""
-        if value is None and info.data.get("role", "assistant") != "assistant":
+        if (value is None or value == []) and info.data.get("role", "assistant") != "assistant":
             raise ValueError("content is required")
         for j, part in enumerate(value if isinstance(value, list) else ()):
             if part.type in ("text", "refusal") and getattr(part, part.type) is None:
