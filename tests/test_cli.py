@@ -111,8 +111,9 @@ def test_argument_errors_are_one_line(tmp_path):
         (["profile", "-o", "/nonexistent-dir/p.json"], "no such directory: /nonexistent-dir"),
         (["serve", "--port", "70000"], "argument --port: must be a TCP port"),
         (["serve", "--max-num-batched-tokens", "0"], "must be a positive integer"),
-        (["serve", "--calibration-batches", "3"], "argument --calibration-batches: must be an integer >= 6"),
-        (["profile", "--num-batches", "2"], "argument --num-batches: must be an integer >= 6"),
+        (["serve", "--calibration-batches", "3"], "argument --calibration-batches: must be an integer >= 8"),
+        (["profile", "--num-batches", "2"], "argument --num-batches: must be an integer >= 8"),
+        (["generate", "--threads", "100000", "hi"], "argument --threads: must be an integer from 1 to"),
         (["bench", "--cv", "inf"], "argument --cv: must be a finite number"),
         (["simulate", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
         (["bench", "--priorities", "interactive=abc"], "argument --priorities: interactive=abc: not an integer"),
@@ -225,6 +226,10 @@ def test_iteration_log_from_a_bad_file_is_one_line(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
         assert not (tmp_path / "p.json").exists()
+    # Six rows fit the six coefficients exactly and leave none to measure the error (it read 0.0%).
+    log.write_text("".join(json.dumps({**rows, "seconds": 0.01 * (i + 1)}) + "\n" for i in range(6)))
+    p = niyama("profile", "--from-log", str(log), "-o", str(tmp_path / "p.json"))
+    assert p.returncode == 2 and "6 timed batches; a profile needs at least 8" in p.stderr, p.stderr
 
 
 def test_serve_refuses_a_bad_profile_log_path_or_device_before_loading_the_model(tmp_path):
@@ -334,13 +339,27 @@ def test_ctrl_c_stops_serve_while_it_calibrates(tmp_path):
 
 
 def test_engine_settings_it_cannot_use_are_one_line(tmp_path):
+    from niyama.engine.weights import default_model_path
+
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "empty").mkdir()
+    truncated = tmp_path / "cut.gguf"  # the default model's first bytes: its reader failed with an IndexError
+    truncated.write_bytes(default_model_path().read_bytes()[:24])
     cases = [(["--device", "foo"], "unknown device 'foo'"),
              (["--kv-cache-memory", "100000"], "cannot allocate a 100000.0 GiB KV cache"),
-             (["--model", str(tmp_path)], "config.json is not a usable model config")]
+             (["--model", str(tmp_path)], "config.json is not a usable model config"),
+             (["--model", str(tmp_path / "empty")], "is neither a GGUF file nor a Hugging Face model folder"),
+             (["--model", str(truncated)], f"{truncated}: not a usable model (IndexError")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
     for args, message in cases:
         p = niyama("generate", *args, "hi")
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and message in lines[-1] and lines[-1].startswith("niyama: error:"), p.stderr
+
+
+def test_prompts_generate_cannot_use_are_refused_before_the_model_loads():
+    for prompts, message in [(["hi", ""], "prompt 2 is empty"),
+                             ([os.fsdecode(b"caf\xe9")], "prompt 1 is not valid UTF-8 text")]:  # Latin-1 bytes
+        p = niyama("generate", "--", *prompts)
+        assert p.returncode == 2 and p.stderr.strip() == f"niyama: error: {message}", p.stderr

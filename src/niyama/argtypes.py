@@ -91,6 +91,18 @@ def at_least(minimum: int):
 non_negative_int = at_least(0)
 
 
+def int_between(low: int, high: int):
+    """An integer type that refuses values outside [low, high]."""
+
+    def check(text: str) -> int:
+        value = _number(text, int, f"an integer from {low} to {high}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}")
+        return value
+
+    return check
+
+
 def port(text: str) -> int:
     value = _number(text, int, "a TCP port (1-65535)")
     if not 1 <= value <= 65535:

@@ -185,9 +185,8 @@ def _scheduler_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # seconds of imports (torch): Ctrl-C may come here too
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         _end_progress_bars()
@@ -198,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"niyama: error: a value is out of range ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # With no bar to close, the cursor is likely mid-line: after the terminal's "^C", or after a bar
-        # that Ctrl-C caught while it was being built (it is then gone without its closing newline).
-        newline = "" if _end_progress_bars() else "\n"
+        # With no bar to close, a terminal's cursor is likely mid-line: after its "^C", or after a bar that
+        # Ctrl-C caught while it was being built (it is then gone without its closing newline).
+        newline = "" if _end_progress_bars() or not sys.stderr.isatty() else "\n"
         print(f"{newline}niyama: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 
 FEATURES = ("intercept", "tokens", "prefill", "decode", "decode_ctx", "prefill_ctx")
 MIN_PROFILE_ROWS = len(FEATURES)  # a fit needs at least one timed batch per coefficient
+MIN_PROFILE_BATCHES = MIN_PROFILE_ROWS + 2  # and a profile two more, held out to measure the fit's error
 DEFAULT_SPLIT = 512  # the reference's boundary between small and large batches (total tokens)
 FIT_VERSION = 2  # raised when fitting changes, so that profiles calibrated and cached by an older fit are redone
 

@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from niyama.argtypes import at_least, gib_bytes, non_negative, output_file, positive_int
+from niyama.argtypes import at_least, gib_bytes, int_between, non_negative, output_file, positive_int
 from niyama.engine.config import EngineConfig
-from niyama.predictor import MIN_PROFILE_ROWS
+from niyama.predictor import MIN_PROFILE_BATCHES
 
 if TYPE_CHECKING:
     from niyama.engine.profiler import ProfileResult
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # torch hangs or crashes with thousands
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-cache-memory", type=gib_bytes, default=1 << 30, help="GiB for the paged KV cache")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_between(1, MAX_THREADS), default=None,
+                   help=f"torch CPU threads, at most {MAX_THREADS} (4 per core; default: torch's)")
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                    help="run every step in torch (default: bf16 on the CPU runs attention over the KV cache and the "
                    "element-wise steps in kernels compiled for this machine at first use)")
@@ -46,8 +51,9 @@ def register(subparsers) -> None:
                               description="Run the engine on random mixed batches, fit the batch-time "
                               "predictor on a train split, print its held-out error and save it.")
     add_engine_args(p)
-    p.add_argument("--num-batches", type=at_least(MIN_PROFILE_ROWS), default=80,
-                   help=f"random batches timed (at least {MIN_PROFILE_ROWS}, one per predictor coefficient)")
+    p.add_argument("--num-batches", type=at_least(MIN_PROFILE_BATCHES), default=80,
+                   help=f"random batches timed (at least {MIN_PROFILE_BATCHES}: a quarter, at least two, is held "
+                   "out to measure the fit's error)")
     p.add_argument("--max-tokens", type=positive_int, default=1024, help="largest batch, in tokens")
     p.add_argument("--max-context", type=positive_int, default=2048)
     p.add_argument("--repeats", type=positive_int, default=3, help="rounds of timed runs over all batches (the median "
@@ -132,6 +138,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from niyama.engine.sampler import SamplingParams
     from niyama.engine.tuning import tune_process
 
+    for i, prompt in enumerate(args.prompt, start=1):  # before the model loads
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+            raise ValueError(f"prompt {i} is not valid UTF-8 text") from None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))  # checked before the load
     tune_process()

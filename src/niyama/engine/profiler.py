@@ -26,7 +26,7 @@ import torch
 from niyama.engine.config import BF16_CPU_FLAGS, cpu_info
 from niyama.engine.model_runner import ModelRunner
 from niyama.memory import KVBlockManager
-from niyama.predictor import DEFAULT_SPLIT, BatchShape, BatchTimePredictor
+from niyama.predictor import DEFAULT_SPLIT, MIN_PROFILE_BATCHES, MIN_PROFILE_ROWS, BatchShape, BatchTimePredictor
 from niyama.qos import QoS
 from niyama.request import Request
 from niyama.scheduler.batch import Batch
@@ -163,15 +163,19 @@ def read_iteration_log(path: str | Path) -> ProfileResult:
 
 def fit(result: ProfileResult, meta: dict[str, Any], holdout: float = 0.25,
         seed: int = 0) -> tuple[BatchTimePredictor, float]:
-    """Fit on a random train split; returns the predictor and its MAPE on the held-out rows."""
+    """Fit on a random train split; returns the predictor and its MAPE on the held-out rows (a ``holdout``
+    share, at least two)."""
     order = list(range(len(result.times)))
+    if len(order) < MIN_PROFILE_BATCHES:
+        raise ValueError(f"{len(order)} timed batches; a profile needs at least {MIN_PROFILE_BATCHES} "
+                         f"({MIN_PROFILE_ROWS} to fit, the rest held out to measure its error)")
     random.Random(seed).shuffle(order)
-    cut = max(int(len(order) * (1 - holdout)), 6)
+    cut = min(max(int(len(order) * (1 - holdout)), MIN_PROFILE_ROWS), len(order) - 2)
     train, test = order[:cut], order[cut:]
     meta = {**meta, "num_profile_batches": len(order), "date": time.strftime("%Y-%m-%d")}
     predictor = BatchTimePredictor.fit([result.shapes[i] for i in train], [result.times[i] for i in train],
                                        result.splits, meta)
-    mape = predictor.mape([result.shapes[i] for i in test], [result.times[i] for i in test]) if test else 0.0
+    mape = predictor.mape([result.shapes[i] for i in test], [result.times[i] for i in test])
     predictor.meta["heldout_mape"] = round(mape, 4)
     return predictor, mape
 

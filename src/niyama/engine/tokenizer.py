@@ -16,6 +16,7 @@ from pathlib import Path
 from niyama.cache import cache_dir, digest
 from niyama.engine.weights import resolve_model_path
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # a folder needs one
 
 class Tokenizer:
     def __init__(self, model: str | Path | None = None):
@@ -24,6 +25,8 @@ class Tokenizer:
 
         path = resolve_model_path(model)
         if path.is_dir():
+            if not any((path / name).is_file() for name in TOKENIZER_FILES):
+                raise FileNotFoundError(f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)})")
             self._tok = AutoTokenizer.from_pretrained(str(path))
             return
         saved = saved_path(path)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from niyama.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
@@ -63,11 +64,21 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_weights(model: str | Path | None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and float32 state dict (Hugging Face names) from a GGUF file or HF directory."""
+    """Config and float32 state dict (Hugging Face names) from a GGUF file or HF directory; a file that is
+    not a usable model is a ``ValueError`` naming it, whatever the reading library raised."""
     path = resolve_model_path(model)
-    if path.is_dir():
-        return _load_hf_dir(path)
-    return _load_gguf(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a GGUF file nor a Hugging Face model folder (no config.json)")
+    try:
+        return _load_hf_dir(path) if path.is_dir() else _load_gguf(path)
+    except MODEL_FILE_ERRORS as e:
+        if str(path) in str(e):  # our own message, which names the file already
+            raise
+        raise ValueError(f"{path}: not a usable model ({type(e).__name__}: {e})") from None
+
+
+# What reading a truncated or foreign file raises, from numpy, gguf, safetensors or a missing metadata key.
+MODEL_FILE_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError, SafetensorError)
 
 
 # -- Hugging Face directory ------------------------------------------------------------------------

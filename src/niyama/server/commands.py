@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from niyama.argtypes import at_least, non_empty, non_negative, output_file, port, positive_int
 from niyama.engine.commands import add_engine_args, engine_config
-from niyama.predictor import MIN_PROFILE_ROWS
+from niyama.predictor import MIN_PROFILE_BATCHES
 from niyama.scheduler import SCHEDULERS, SchedulerConfig
 from niyama.scheduler_flags import add_niyama_switches, niyama_switches
 
@@ -51,8 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="saved batch-time predictor (JSON); default: cached calibration for this machine "
                    "and model, run at start-up when missing")
-    p.add_argument("--calibration-batches", type=at_least(MIN_PROFILE_ROWS), default=24,
-                   help=f"batches profiled when calibrating (at least {MIN_PROFILE_ROWS})")
+    p.add_argument("--calibration-batches", type=at_least(MIN_PROFILE_BATCHES), default=24,
+                   help=f"batches profiled when calibrating (at least {MIN_PROFILE_BATCHES})")
     p.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="keep the profile's batch times as they are (default: scale them by measured / "
                    "predicted time of recent iterations, exported as niyama:batch_time_scale)")
