@@ -134,6 +134,8 @@ def ensure_writable_dir(path: Path) -> None:
 
 def output_file(text: str) -> Path:
     """A file to write at the end of a long run: its folder must exist, writable, now."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # seconds of imports (torch): Ctrl-C may come here too
         args.func(args)
+    except BrokenPipeError:  # the reader left (`niyama generate ... | head -1`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit flush complains
+        return 141
     except (ValueError, FileNotFoundError, OSError) as e:
         _end_progress_bars()
         print(f"niyama: error: {e}", file=sys.stderr)

@@ -55,10 +55,11 @@ def register(subparsers) -> None:
                    help=f"random batches timed (at least {MIN_PROFILE_BATCHES}: a quarter, at least two, is held "
                    "out to measure the fit's error)")
     p.add_argument("--max-tokens", type=positive_int, default=1024, help="largest batch, in tokens")
-    p.add_argument("--max-context", type=positive_int, default=2048)
+    p.add_argument("--max-context", type=positive_int, default=2048,
+                   help="longest context of a timed decode or prefill, in tokens (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=3, help="rounds of timed runs over all batches (the median "
                    "per batch is kept)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batches and the train/test split")
     p.add_argument("--from-log", metavar="LOG", default=None,
                    help="fit from the iterations a server measured (niyama serve --iteration-log LOG) "
                    "instead of running the engine")
@@ -73,11 +74,11 @@ def register(subparsers) -> None:
     add_engine_args(g)
     g.add_argument("prompt", nargs="+", help="prompt text (one request each)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
-    g.add_argument("--max-tokens", type=positive_int, default=128)
-    g.add_argument("--temperature", type=non_negative, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per answer (default: %(default)s)")
+    g.add_argument("--temperature", type=non_negative, default=0.0, help="0 (the default) samples greedily")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1] (default: 1, off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0, off)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: none)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.set_defaults(func=cmd_generate)
 
