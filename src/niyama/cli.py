@@ -60,7 +60,8 @@ def _setup(args: argparse.Namespace):
     from niyama.sim.experiments import Setup
 
     QoSClasses.load(args.qos_config)  # fail early on a bad file or trace, not after a long run
-    load_trace(args.trace)
+    if args.trace not in TRACE_FILES:  # a CSV path (or a misspelt name); the named ones load at the first run
+        load_trace(args.trace)
     config = SchedulerConfig(chunk_size=args.chunk_size, **niyama_switches(args))
     ensure_writable_dir(args.output_dir)
     return Setup(trace=args.trace, duration=args.duration, profile=args.profile, noise=args.noise,
