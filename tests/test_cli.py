@@ -45,7 +45,8 @@ def test_simulate_writes_rows_summary_and_plot(tmp_path):
         (["experiment", "capacity", "--trace", "sharegpt"], "always measures azure_code and azure_conv"),
         (["bench", "--cv", "3"], "--cv applies only with --rate"),
         (["bench", "--endpoint", "chat", "--rate", "1", "--vocab-size", "500"], "--vocab-size applies only with"),
-        (["bench", "--rate", "1", "--base-url", "http://127.0.0.1:99999/v1"], "not a valid base URL"),
+        (["bench", "--trace", "synthetic", "--rate", "1", "--base-url", "http://127.0.0.1:99999/v1"],
+         "not a valid base URL"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
