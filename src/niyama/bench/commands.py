@@ -185,12 +185,11 @@ def _check_any_succeeded(summary: dict[str, Any], stem: Path) -> None:
                           f"see {stem}.jsonl")
 
 
-def _stop_if_interrupted(run: RunResult, stem: Path) -> None:
+def _stop_if_interrupted(summary: dict[str, Any], stem: Path) -> None:
     """After Ctrl-C, the partial results are saved: say where, then end as interrupted."""
-    if run.stop_reason == "interrupted":
-        sent = sum(r.sent is not None for r in run.results)
-        print(f"interrupted after {sent} of {len(run.results)} requests were sent; what they measured is in "
-              f"{stem}.jsonl and {stem}.json")
+    if summary["stop_reason"] == "interrupted":
+        print(f"interrupted after {summary['overall']['requests']} of {summary['planned_requests']} requests were "
+              f"sent; what they measured is in {stem}.jsonl and {stem}.json")
         raise KeyboardInterrupt
 
 
@@ -205,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     label = args.label or f"{args.qos_mode}-{args.rate or 'trace'}"
     stem = args.output_dir / f"bench-{label}"
     summary = save_run(run, classes, stem, f"{label}: {len(specs)} requests", dict(args.goodput or ()))
-    _stop_if_interrupted(run, stem)
+    _stop_if_interrupted(summary, stem)
     _check_any_succeeded(summary, stem)
     print(format_summary(summary))
     if summary["itl_p50"] is not None:
@@ -245,7 +244,7 @@ def find_live_capacity(args: argparse.Namespace, classes: QoSClasses, out_dir: P
             run = run_load(specs, classes, bench)
         stem = out_dir / f"{label}-{len(runs):02d}-{rate:.4g}"
         summary = save_run(run, classes, stem, f"{label} at {rate:.4g} req/s", dict(args.goodput or ()))
-        _stop_if_interrupted(run, stem)
+        _stop_if_interrupted(summary, stem)
         if all(_all_failed(r["summary"]) for r in runs):  # once the server has served, failures under
             _check_any_succeeded(summary, stem)  # load (429s, say) are its violations, not an error
         # A run ended for its violations proved at least ``stop_at`` % in some class: report that bound.

@@ -18,6 +18,7 @@ from niyama.engine.weights import resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # a folder needs one
 
+
 class Tokenizer:
     def __init__(self, model: str | Path | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub

@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from niyama import __version__
 from niyama.engine.core import StepOutput
 from niyama.engine.sampler import SEED_RANGE, SamplingParams
 from niyama.engine.tokenizer import Tokenizer
@@ -70,7 +71,7 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         state.engine.stop()
 
-    app = FastAPI(title="Niyama", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Niyama", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM server with per-request QoS (TTFT/TBT/TTLT deadlines).")
 
     @app.exception_handler(APIError)

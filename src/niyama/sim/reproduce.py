@@ -194,11 +194,12 @@ def _known_capacity(setup: ex.Setup, output_dir: Path) -> float:
         except (ValueError, AttributeError, KeyError, TypeError) as e:
             raise ValueError(f"{saved} is not a result of `niyama experiment capacity` "
                              f"({type(e).__name__}: {e}); remove it to measure the capacity again") from None
-        if capacity is not None and data.get("settings", _settings(setup)) != _settings(setup):
-            print(f"{saved} was measured with other settings; measuring Niyama's capacity again")
-        elif capacity is not None:
+        current = _settings(setup)
+        if capacity is not None and data.get("settings", current) == current:
             print(f"using Niyama's capacity from {saved}")
             return capacity
+        if capacity is not None:
+            print(f"{saved} was measured with other settings; measuring Niyama's capacity again")
     return ex.capacity(setup, "niyama").capacity
 
 
